@@ -1,0 +1,44 @@
+"""Build of edropout's kernels: the CPU kernels always, the CUDA kernels when a CUDA toolkit is found
+(or FORCE_CUDA=1). Build against the installed torch: pip install --no-build-isolation ."""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "edropout: torch is not importable at build time; install torch first, "
+        "then build against it with `pip install --no-build-isolation .`"
+    )
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension():
+    sources = [os.path.join("csrc", "edropout.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    with_cuda = CUDA_HOME is not None and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1")
+    debug = os.environ.get("DEBUG") == "1"
+    cxx_flags = ["-O0" if debug else "-O3", "-fopenmp"] + (["-g"] if debug else [])
+    if not with_cuda:
+        return CppExtension("edropout._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=["-fopenmp"])
+    nvcc_flags = ["-O3", "-lineinfo"] + (["-g", "-G"] if debug else [])
+    return CUDAExtension(
+        "edropout._C",
+        sources + cuda_sources,
+        extra_compile_args={"cxx": cxx_flags + ["-DEDROPOUT_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=find_packages(include=["edropout", "edropout.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,31 @@
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+import edropout  # noqa: F401  (loads the kernels)
+
+# Fresh random inputs on every run; EDROPOUT_TEST_SEED=<n> replays a run (the seed is in the header).
+SEED = int(os.environ.get("EDROPOUT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+CUDA = torch.cuda.is_available() and torch.cuda.device_count() > 0
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA")])]
+
+
+def pytest_report_header(config):
+    return f"edropout test seed: {SEED} (EDROPOUT_TEST_SEED={SEED} replays it); CUDA: {CUDA}"
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the run's seed and the test's name."""
+    g = torch.Generator()
+    g.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

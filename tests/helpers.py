@@ -1,0 +1,41 @@
+"""Random inputs for the op tests: states, fields of mixed sign and block layouts."""
+
+import torch
+
+from edropout.ops import Couplings
+
+
+def random_states(K, D, gen, p=0.5, device="cpu"):
+    return (torch.rand(K, D, generator=gen) < p).to(torch.uint8).to(device)
+
+
+def random_field(D, gen, device="cpu"):
+    return (torch.randn(D, generator=gen) * torch.rand(D, generator=gen) * 4).to(device)
+
+
+def random_sizes(D, gen, max_size):
+    """Block sizes in [1, max_size] summing to D."""
+    sizes, left = [], D
+    while left:
+        n = min(left, int(torch.randint(1, max_size + 1, (1,), generator=gen)))
+        sizes.append(n)
+        left -= n
+    return sizes
+
+
+def random_couplings(sizes, gen, device="cpu"):
+    blocks = [torch.randn(n, n, generator=gen) * (1 + 3 * torch.rand(1, generator=gen)) for n in sizes]
+    return Couplings.from_blocks([b.to(device) for b in blocks])
+
+
+def layout(kind, D, gen):
+    """Block sizes of a named layout over D units."""
+    if kind == "one":  # one block over every unit
+        return [D]
+    if kind == "small":  # many small blocks, sizes 1..8
+        return random_sizes(D, gen, 8)
+    if kind == "mixed":  # a few blocks of very different sizes, one of size 1
+        big = max(1, D // 2)
+        rest = D - big
+        return [big] + ([1] if rest else []) + (random_sizes(rest - 1, gen, max(1, rest // 3)) if rest > 1 else [])
+    raise ValueError(kind)
