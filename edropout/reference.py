@@ -145,8 +145,9 @@ def evolve_step(
     mutation: float = 0.1,
     crossover: float = 0.9,
     keep: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reference of :func:`edropout.ops.evolve_step`: the three references in turn."""
+    """Reference of :func:`edropout.ops.evolve_step`: the three references in turn (energies in ``dtype``)."""
     trials = evolve(population, seed, step, mutation, crossover, keep)
-    trial_energies = ising_energy(trials, field, blocks).to(energies.dtype)
+    trial_energies = ising_energy(trials, field, blocks, dtype).to(energies.dtype)
     return select(population, energies, trials, trial_energies)

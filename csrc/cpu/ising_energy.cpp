@@ -2,13 +2,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "kernels.h"
 
-// The row loop is compiled for AVX-512 and AVX2+FMA as well as the baseline ISA; the loader picks the
+// The inner loops are compiled for x86-64-v4 (AVX-512) and v3 (AVX2, FMA) as well as the baseline; the loader picks the
 // best one this CPU runs (GCC function multi-versioning), so one wheel is fast everywhere.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EDROPOUT_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define EDROPOUT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define EDROPOUT_CPU_CLONES
 #endif
@@ -16,44 +17,89 @@
 namespace edropout::cpu {
 namespace {
 
-// Candidates are processed in groups of kGroup: the signs of a group are stored [D][kGroup], so that one
-// coupling J_ij meets the kGroup signs s_kj in one vector multiply-add.
+// Candidates are processed in groups of kGroup = 8: the signs of a group are stored [D][8], so that one
+// coupling J_ij meets the 8 signs s_kj in one vector multiply-add. Rows go 8 at a time (kTile), so that
+// each vector of signs loaded serves 8 rows: the couplings stream from memory once, the signs from cache.
 constexpr int64_t kGroup = 8;
+constexpr int64_t kTile = 8;
+typedef float Vec8 __attribute__((vector_size(kGroup * sizeof(float))));
 
-// dot[k] += sum_{j in [0, n)} J_j * signs[j][k], with four independent accumulators.
-EDROPOUT_CPU_CLONES
-void accumulate_row(const float* J, const float* signs, int64_t n, float* dot) {
-  float a0[kGroup] = {}, a1[kGroup] = {}, a2[kGroup] = {}, a3[kGroup] = {};
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const float* s = signs + j * kGroup;
-    for (int64_t k = 0; k < kGroup; ++k) {
-      a0[k] += J[j] * s[k];
-      a1[k] += J[j + 1] * s[kGroup + k];
-      a2[k] += J[j + 2] * s[2 * kGroup + k];
-      a3[k] += J[j + 3] * s[3 * kGroup + k];
-    }
-  }
-  for (; j < n; ++j)
-    for (int64_t k = 0; k < kGroup; ++k) a0[k] += J[j] * signs[j * kGroup + k];
-  for (int64_t k = 0; k < kGroup; ++k) dot[k] += (a0[k] + a1[k]) + (a2[k] + a3[k]);
+inline Vec8 load8(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// A task is a run of rows inside one block, sized to about kTaskWork couplings. Tasks depend only on the
-// layout, and their partial sums are added in task order, so the result does not depend on the thread count.
+// acc[r] += sum_{j in [begin, end)} J[r * stride + j] * signs[j] for the kTile rows r of a tile.
+EDROPOUT_CPU_CLONES
+void accumulate_tile(const float* J, int64_t stride, const float* signs, int64_t begin, int64_t end, Vec8* acc) {
+  Vec8 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
+  const float *J0 = J, *J1 = J + stride, *J2 = J + 2 * stride, *J3 = J + 3 * stride;
+  const float *J4 = J + 4 * stride, *J5 = J + 5 * stride, *J6 = J + 6 * stride, *J7 = J + 7 * stride;
+  for (int64_t j = begin; j < end; ++j) {
+    const Vec8 s = load8(signs + j * kGroup);
+    a0 += J0[j] * s;
+    a1 += J1[j] * s;
+    a2 += J2[j] * s;
+    a3 += J3[j] * s;
+    a4 += J4[j] * s;
+    a5 += J5[j] * s;
+    a6 += J6[j] * s;
+    a7 += J7[j] * s;
+  }
+  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+}
+
+// acc += sum_{j in [begin, end)} J[j] * signs[j] for one row, with four independent accumulators.
+EDROPOUT_CPU_CLONES
+void accumulate_row(const float* J, const float* signs, int64_t begin, int64_t end, Vec8* acc) {
+  Vec8 a0 = *acc, a1 = {}, a2 = {}, a3 = {};
+  int64_t j = begin;
+  for (; j + 4 <= end; j += 4) {
+    a0 += J[j] * load8(signs + j * kGroup);
+    a1 += J[j + 1] * load8(signs + (j + 1) * kGroup);
+    a2 += J[j + 2] * load8(signs + (j + 2) * kGroup);
+    a3 += J[j + 3] * load8(signs + (j + 3) * kGroup);
+  }
+  for (; j < end; ++j) a0 += J[j] * load8(signs + j * kGroup);
+  *acc = (a0 + a1) + (a2 + a3);
+}
+
+// A task is a run of rows inside one block, about kTaskWork couplings, a multiple of kTile rows unless
+// the block ends. Tasks depend only on the layout, and their partial sums are added in task order, so
+// the result does not depend on the thread count.
 struct Task {
   int64_t block, row_begin, row_end;
 };
-constexpr int64_t kTaskWork = 1 << 15;
+constexpr int64_t kTaskWork = 1 << 16;
 
 std::vector<Task> make_tasks(const std::vector<Block>& blocks) {
   std::vector<Task> tasks;
   for (int64_t l = 0; l < static_cast<int64_t>(blocks.size()); ++l) {
     const Block& b = blocks[l];
-    const int64_t rows = std::max<int64_t>(1, kTaskWork / b.size);
+    const int64_t rows = std::max<int64_t>(kTile, kTaskWork / b.size / kTile * kTile);
     for (int64_t r = 0; r < b.size; r += rows) tasks.push_back({l, b.start + r, b.start + std::min(b.size, r + rows)});
   }
   return tasks;
+}
+
+// sum_{j != i} J_ij s_kj for the rows [i, i + count) of block b (count == kTile or 1), into dots[count].
+// The diagonal is skipped, not subtracted, so a large J_ii cannot cost precision.
+void row_dots(const Block& b, const float* couplings, const float* block_signs, int64_t i, int64_t count,
+              Vec8* dots) {
+  const int64_t local = i - b.start, n = b.size;
+  const float* J = couplings + b.offset + local * n;
+  for (int64_t r = 0; r < count; ++r) dots[r] = Vec8{};
+  if (count == kTile) {
+    accumulate_tile(J, n, block_signs, 0, local, dots);
+    for (int64_t r = 0; r < kTile; ++r)
+      for (int64_t c = 0; c < kTile; ++c)
+        if (r != c) dots[r] += J[r * n + local + c] * load8(block_signs + (local + c) * kGroup);
+    accumulate_tile(J, n, block_signs, local + kTile, n, dots);
+  } else {
+    accumulate_row(J, block_signs, 0, local, dots);
+    accumulate_row(J, block_signs, local + 1, n, dots);
+  }
 }
 
 }  // namespace
@@ -81,17 +127,16 @@ void ising_energy_into(const uint8_t* states, int64_t K, int64_t D, const float*
       for (int64_t g = 0; g < groups; ++g) {
         const float* sg = signs.data() + g * D * kGroup;
         double* acc = partial.data() + (t * groups + g) * kGroup;
-        for (int64_t i = task.row_begin; i < task.row_end; ++i) {
-          const int64_t local = i - b.start;
-          const float* row = couplings + b.offset + local * b.size;
-          const float* sb = sg + b.start * kGroup;
-          // sum_{j != i} J_ij s_kj: the diagonal is skipped, not subtracted, so it cannot cost precision.
-          float dot[kGroup] = {};
-          accumulate_row(row, sb, local, dot);
-          accumulate_row(row + local + 1, sb + (local + 1) * kGroup, b.size - local - 1, dot);
-          const float* si = sg + i * kGroup;
-          for (int64_t k = 0; k < kGroup; ++k)
-            acc[k] -= static_cast<double>(si[k]) * (static_cast<double>(field[i]) + 0.5 * dot[k]);
+        const float* block_signs = sg + b.start * kGroup;
+        for (int64_t i = task.row_begin; i < task.row_end;) {
+          const int64_t count = i + kTile <= task.row_end ? kTile : 1;
+          Vec8 dots[kTile];
+          row_dots(b, couplings, block_signs, i, count, dots);
+          for (int64_t r = 0; r < count; ++r, ++i) {
+            const float* si = sg + i * kGroup;
+            for (int64_t k = 0; k < kGroup; ++k)
+              acc[k] -= static_cast<double>(si[k]) * (static_cast<double>(field[i]) + 0.5 * dots[r][k]);
+          }
         }
       }
     }

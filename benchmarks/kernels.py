@@ -1,0 +1,178 @@
+"""Time the population step's kernels on the unit layouts of six torchvision networks (102 classes).
+
+For each layout (one dense coupling block per Conv2d's output channels and per Linear's input features,
+random fields and couplings, K = 8), times side by side, in rounds of the variants in turn:
+  fused      ops.evolve_step (evolve -> ising_energy -> select)
+  energy     ops.ising_energy of K states
+  evolve     ops.evolve
+  reference  edropout.reference.evolve_step with float32 energies (plain PyTorch, one matmul per block)
+  numpy      the proof of concept's NumPy step (benchmarks/numpy_step.py; CPU only)
+and prints the speed-ups of the fused step and the energy kernel's achieved bandwidth (bytes of
+couplings, states and fields read once) beside this device's measured copy bandwidth.
+
+    python benchmarks/kernels.py [--device cpu|cuda] [--models resnet18,alexnet] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import edropout  # noqa: E402
+from edropout import ops, reference  # noqa: E402
+from numpy_step import numpy_step  # noqa: E402
+
+MODELS = ["squeezenet1_1", "resnet18", "resnet34", "alexnet", "resnet50", "resnet101"]
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+
+def copy_bandwidth(device, timer, megabytes=512, repeats=5):
+    """Bytes read plus bytes written per second by a large device-to-device copy."""
+    src = torch.rand(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = statistics.median(timer(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / seconds
+
+
+def layout_terms(name, device, gen):
+    model = getattr(torchvision.models, name)(num_classes=102)
+    layers = edropout.unit_layout(model)
+    sizes = [layer.size for layer in layers]
+    D = sum(sizes)
+    field = torch.randn(D, generator=gen)
+    values = torch.randn(sum(n * n for n in sizes), generator=gen)
+    keep = torch.cat([torch.full((layer.size,), layer.always_kept) for layer in layers])
+    return ops.Couplings(values.to(device), tuple(sizes)), field.to(device), keep.to(device)
+
+
+def bench_model(name, args, timer, gen):
+    device, K = args.device, args.population
+    couplings, field, keep = layout_terms(name, device, gen)
+    D = field.numel()
+    population = (torch.rand(K, D, generator=gen) < 0.5).to(torch.uint8).to(device)
+    population[:, keep] = 1
+    energies = ops.ising_energy(population, field, couplings)
+    step = [0]
+
+    def fused():
+        step[0] += 1
+        ops.evolve_step(population, energies, field, couplings, 1, step[0], keep=keep)
+
+    variants = {
+        "fused": fused,
+        "energy": lambda: ops.ising_energy(population, field, couplings),
+        "evolve": lambda: ops.evolve(population, 1, step[0], keep=keep),
+        "reference": lambda: reference.evolve_step(population, energies, field, couplings, 1, step[0],
+                                                   keep=keep, dtype=torch.float32),
+    }
+    if device == "cpu":
+        np_pop, np_e, np_h = population.numpy(), energies.numpy(), field.numpy()
+        np_blocks = [b.numpy() for b in couplings.blocks()]
+        np_keep, rng = keep.numpy(), np.random.default_rng(0)
+        variants["numpy"] = lambda: numpy_step(np_pop, np_e, np_h, np_blocks, rng, keep=np_keep)
+
+    # Rounds of the variants in turn; in each, the variant first runs untimed for --settle seconds, so that
+    # the previous variant's worker threads (OpenBLAS and OpenMP spin after a call) have stopped competing
+    # for the cores, then --calls timed calls. Medians over all timed calls.
+    times = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v, fn in variants.items():
+            end = time.perf_counter() + args.settle
+            fn()
+            while time.perf_counter() < end:
+                fn()
+            times[v] += [timer(fn) for _ in range(args.calls)]
+    median = {v: statistics.median(t) for v, t in times.items()}
+    energy_bytes = couplings.values.numel() * 4 + K * D + 4 * D
+    row = {
+        "model": name, "D": D, "blocks": len(couplings.sizes), "couplings_MB": couplings.values.numel() * 4 / 1e6,
+        **{f"{v}_ms": s * 1e3 for v, s in median.items()},
+        "reference_over_fused": median["reference"] / median["fused"],
+        "energy_GBps": energy_bytes / median["energy"] / 1e9,
+    }
+    if "numpy" in median:
+        row["numpy_over_fused"] = median["numpy"] / median["fused"]
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--population", type=int, default=8, help="K (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the variants in turn (default 3)")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per variant and round (default 5)")
+    parser.add_argument("--settle", type=float, default=0.2,
+                        help="seconds of untimed calls before a variant's timed calls (default 0.2)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--quick", action="store_true", help="SqueezeNet and ResNet-18 only, 3 rounds (smoke)")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; expected some of {', '.join(MODELS)}")
+    if args.quick:
+        models, args.rounds, args.calls, args.settle = [m for m in models if m in ("squeezenet1_1", "resnet18")], 1, 3, 0.0
+
+    timer = Timer(args.device)
+    gen = torch.Generator().manual_seed(0)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    bandwidth = copy_bandwidth(args.device, timer)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# edropout kernels, {args.device} ({device_name}), torch {torch.__version__}, {when}")
+    print(f"# K = {args.population}; {args.rounds} rounds of the variants in turn, each {args.settle} s untimed then "
+          f"{args.calls} timed calls; medians; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    header = ("| model | D | couplings MB | fused ms | energy ms | evolve ms | reference ms | NumPy ms "
+              "| NumPy/fused | reference/fused | energy GB/s | % of copy |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows = []
+    for name in models:
+        row = bench_model(name, args, timer, gen)
+        rows.append(row)
+        numpy_ms = f"{row['numpy_ms']:.2f}" if "numpy_ms" in row else "-"
+        numpy_ratio = f"{row['numpy_over_fused']:.1f}x" if "numpy_over_fused" in row else "-"
+        print(f"| {name} | {row['D']} | {row['couplings_MB']:.1f} | {row['fused_ms']:.3f} | {row['energy_ms']:.3f} "
+              f"| {row['evolve_ms']:.3f} | {row['reference_ms']:.2f} | {numpy_ms} | {numpy_ratio} "
+              f"| {row['reference_over_fused']:.1f}x | {row['energy_GBps']:.1f} "
+              f"| {100 * row['energy_GBps'] * 1e9 / bandwidth:.0f}% |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__, "date": when,
+                       "population": args.population, "rounds": args.rounds, "calls": args.calls,
+                       "copy_GBps": bandwidth / 1e9, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
