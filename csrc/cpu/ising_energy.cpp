@@ -30,39 +30,55 @@ inline Vec8 load8(const float* p) {
   return v;
 }
 
-// acc[r] += sum_{j in [begin, end)} J[r * stride + j] * signs[j] for the kTile rows r of a tile.
-EDROPOUT_CPU_CLONES
-void accumulate_tile(const float* J, int64_t stride, const float* signs, int64_t begin, int64_t end, Vec8* acc) {
-  Vec8 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
-  const float *J0 = J, *J1 = J + stride, *J2 = J + 2 * stride, *J3 = J + 3 * stride;
-  const float *J4 = J + 4 * stride, *J5 = J + 5 * stride, *J6 = J + 6 * stride, *J7 = J + 7 * stride;
-  for (int64_t j = begin; j < end; ++j) {
-    const Vec8 s = load8(signs + j * kGroup);
-    a0 += J0[j] * s;
-    a1 += J1[j] * s;
-    a2 += J2[j] * s;
-    a3 += J3[j] * s;
-    a4 += J4[j] * s;
-    a5 += J5[j] * s;
-    a6 += J6[j] * s;
-    a7 += J7[j] * s;
-  }
-  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+// Products are summed in float over chunks of kChunk columns, then the chunk sums in float64: float
+// speed, and rounding errors that do not grow with the length of the row.
+constexpr int64_t kChunk = 256;
+
+inline void add_to(double* dot, const Vec8& a) {
+  for (int64_t k = 0; k < kGroup; ++k) dot[k] += a[k];
 }
 
-// acc += sum_{j in [begin, end)} J[j] * signs[j] for one row, with four independent accumulators.
+// dots[r] += sum_{j in [begin, end)} J[r * stride + j] * signs[j] for the kTile rows r of a tile.
 EDROPOUT_CPU_CLONES
-void accumulate_row(const float* J, const float* signs, int64_t begin, int64_t end, Vec8* acc) {
-  Vec8 a0 = *acc, a1 = {}, a2 = {}, a3 = {};
-  int64_t j = begin;
-  for (; j + 4 <= end; j += 4) {
-    a0 += J[j] * load8(signs + j * kGroup);
-    a1 += J[j + 1] * load8(signs + (j + 1) * kGroup);
-    a2 += J[j + 2] * load8(signs + (j + 2) * kGroup);
-    a3 += J[j + 3] * load8(signs + (j + 3) * kGroup);
+void accumulate_tile(const float* J, int64_t stride, const float* signs, int64_t begin, int64_t end,
+                     double (*dots)[kGroup]) {
+  const float *J0 = J, *J1 = J + stride, *J2 = J + 2 * stride, *J3 = J + 3 * stride;
+  const float *J4 = J + 4 * stride, *J5 = J + 5 * stride, *J6 = J + 6 * stride, *J7 = J + 7 * stride;
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    Vec8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
+    const int64_t chunk_end = std::min(end, chunk + kChunk);
+    for (int64_t j = chunk; j < chunk_end; ++j) {
+      const Vec8 s = load8(signs + j * kGroup);
+      a0 += J0[j] * s;
+      a1 += J1[j] * s;
+      a2 += J2[j] * s;
+      a3 += J3[j] * s;
+      a4 += J4[j] * s;
+      a5 += J5[j] * s;
+      a6 += J6[j] * s;
+      a7 += J7[j] * s;
+    }
+    add_to(dots[0], a0), add_to(dots[1], a1), add_to(dots[2], a2), add_to(dots[3], a3);
+    add_to(dots[4], a4), add_to(dots[5], a5), add_to(dots[6], a6), add_to(dots[7], a7);
   }
-  for (; j < end; ++j) a0 += J[j] * load8(signs + j * kGroup);
-  *acc = (a0 + a1) + (a2 + a3);
+}
+
+// dot += sum_{j in [begin, end)} J[j] * signs[j] for one row, with four independent accumulators.
+EDROPOUT_CPU_CLONES
+void accumulate_row(const float* J, const float* signs, int64_t begin, int64_t end, double* dot) {
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    Vec8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const int64_t chunk_end = std::min(end, chunk + kChunk);
+    int64_t j = chunk;
+    for (; j + 4 <= chunk_end; j += 4) {
+      a0 += J[j] * load8(signs + j * kGroup);
+      a1 += J[j + 1] * load8(signs + (j + 1) * kGroup);
+      a2 += J[j + 2] * load8(signs + (j + 2) * kGroup);
+      a3 += J[j + 3] * load8(signs + (j + 3) * kGroup);
+    }
+    for (; j < chunk_end; ++j) a0 += J[j] * load8(signs + j * kGroup);
+    add_to(dot, (a0 + a1) + (a2 + a3));
+  }
 }
 
 // A task is a run of rows inside one block, about kTaskWork couplings, a multiple of kTile rows unless
@@ -86,19 +102,20 @@ std::vector<Task> make_tasks(const std::vector<Block>& blocks) {
 // sum_{j != i} J_ij s_kj for the rows [i, i + count) of block b (count == kTile or 1), into dots[count].
 // The diagonal is skipped, not subtracted, so a large J_ii cannot cost precision.
 void row_dots(const Block& b, const float* couplings, const float* block_signs, int64_t i, int64_t count,
-              Vec8* dots) {
+              double (*dots)[kGroup]) {
   const int64_t local = i - b.start, n = b.size;
   const float* J = couplings + b.offset + local * n;
-  for (int64_t r = 0; r < count; ++r) dots[r] = Vec8{};
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t k = 0; k < kGroup; ++k) dots[r][k] = 0.0;
   if (count == kTile) {
     accumulate_tile(J, n, block_signs, 0, local, dots);
     for (int64_t r = 0; r < kTile; ++r)
       for (int64_t c = 0; c < kTile; ++c)
-        if (r != c) dots[r] += J[r * n + local + c] * load8(block_signs + (local + c) * kGroup);
+        if (r != c) add_to(dots[r], J[r * n + local + c] * load8(block_signs + (local + c) * kGroup));
     accumulate_tile(J, n, block_signs, local + kTile, n, dots);
   } else {
-    accumulate_row(J, block_signs, 0, local, dots);
-    accumulate_row(J, block_signs, local + 1, n, dots);
+    accumulate_row(J, block_signs, 0, local, dots[0]);
+    accumulate_row(J, block_signs, local + 1, n, dots[0]);
   }
 }
 
@@ -130,7 +147,7 @@ void ising_energy_into(const uint8_t* states, int64_t K, int64_t D, const float*
         const float* block_signs = sg + b.start * kGroup;
         for (int64_t i = task.row_begin; i < task.row_end;) {
           const int64_t count = i + kTile <= task.row_end ? kTile : 1;
-          Vec8 dots[kTile];
+          double dots[kTile][kGroup];
           row_dots(b, couplings, block_signs, i, count, dots);
           for (int64_t r = 0; r < count; ++r, ++i) {
             const float* si = sg + i * kGroup;
