@@ -3,6 +3,8 @@
 For each layout (one dense coupling block per Conv2d's output channels and per Linear's input features,
 random fields and couplings, K = 8), times side by side, in rounds of the variants in turn:
   fused      ops.evolve_step (evolve -> ising_energy -> select)
+  fused factored   the same with each block stored the cheaper way: a factor W (J = -W W^T, n x r with r
+             the unit's kernel size) where r < n, e.g. AlexNet's Linear layers, else dense
   energy     ops.ising_energy of K states
   evolve     ops.evolve
   reference  edropout.reference.evolve_step with float32 energies (plain PyTorch, one matmul per block)
@@ -63,20 +65,30 @@ def copy_bandwidth(device, timer, megabytes=512, repeats=5):
     return 2 * src.numel() * 4 / seconds
 
 
-def layout_terms(name, device, gen):
+def layout_terms(name, device, gen, factored):
+    """Random fields and couplings over the network's unit layout: every block dense, or (factored=True)
+    each block stored the cheaper way, as a factor W (n x r, r = the unit's kernel size) where r < n."""
     model = getattr(torchvision.models, name)(num_classes=102)
-    layers = edropout.unit_layout(model)
-    sizes = [layer.size for layer in layers]
-    D = sum(sizes)
-    field = torch.randn(D, generator=gen)
-    values = torch.randn(sum(n * n for n in sizes), generator=gen)
-    keep = torch.cat([torch.full((layer.size,), layer.always_kept) for layer in layers])
-    return ops.Couplings(values.to(device), tuple(sizes)), field.to(device), keep.to(device)
+    modules = dict(model.named_modules())
+    blocks = []
+    for layer in edropout.unit_layout(model):
+        n = layer.size
+        r = n if layer.always_kept else layer.kernels(modules[layer.name]).shape[1]
+        if factored and r < n:
+            blocks.append(ops.Factored(torch.randn(n, r, generator=gen) / r**0.5))
+        else:
+            blocks.append(torch.randn(n, n, generator=gen))
+    couplings = ops.Couplings.from_blocks(blocks)
+    del blocks
+    keep = torch.cat([torch.full((layer.size,), layer.always_kept) for layer in edropout.unit_layout(model)])
+    field = torch.randn(couplings.num_units, generator=gen)
+    return couplings.to(device), field.to(device), keep.to(device)
 
 
 def bench_model(name, args, timer, gen):
     device, K = args.device, args.population
-    couplings, field, keep = layout_terms(name, device, gen)
+    couplings, field, keep = layout_terms(name, device, gen, factored=False)
+    cheapest, _, _ = layout_terms(name, device, gen, factored=True)
     D = field.numel()
     population = (torch.rand(K, D, generator=gen) < 0.5).to(torch.uint8).to(device)
     population[:, keep] = 1
@@ -87,8 +99,13 @@ def bench_model(name, args, timer, gen):
         step[0] += 1
         ops.evolve_step(population, energies, field, couplings, 1, step[0], keep=keep)
 
+    def fused_factored():
+        step[0] += 1
+        ops.evolve_step(population, energies, field, cheapest, 1, step[0], keep=keep)
+
     variants = {
         "fused": fused,
+        "fused_factored": fused_factored,
         "energy": lambda: ops.ising_energy(population, field, couplings),
         "evolve": lambda: ops.evolve(population, 1, step[0], keep=keep),
         "reference": lambda: reference.evolve_step(population, energies, field, couplings, 1, step[0],
@@ -115,6 +132,7 @@ def bench_model(name, args, timer, gen):
     energy_bytes = couplings.values.numel() * 4 + K * D + 4 * D
     row = {
         "model": name, "D": D, "blocks": len(couplings.sizes), "couplings_MB": couplings.values.numel() * 4 / 1e6,
+        "factored_MB": cheapest.values.numel() * 4 / 1e6, "factored_blocks": sum(r > 0 for r in cheapest.ranks),
         **{f"{v}_ms": s * 1e3 for v, s in median.items()},
         "reference_over_fused": median["reference"] / median["fused"],
         "energy_GBps": energy_bytes / median["energy"] / 1e9,
@@ -154,7 +172,7 @@ def main(argv=None):
           f"{args.calls} timed calls; medians; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     header = ("| model | D | couplings MB | fused ms | energy ms | evolve ms | reference ms | NumPy ms "
-              "| NumPy/fused | reference/fused | energy GB/s | % of copy |")
+              "| NumPy/fused | reference/fused | energy GB/s | % of copy | factored MB | fused factored ms |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     rows = []
@@ -166,7 +184,8 @@ def main(argv=None):
         print(f"| {name} | {row['D']} | {row['couplings_MB']:.1f} | {row['fused_ms']:.3f} | {row['energy_ms']:.3f} "
               f"| {row['evolve_ms']:.3f} | {row['reference_ms']:.2f} | {numpy_ms} | {numpy_ratio} "
               f"| {row['reference_over_fused']:.1f}x | {row['energy_GBps']:.1f} "
-              f"| {100 * row['energy_GBps'] * 1e9 / bandwidth:.0f}% |", flush=True)
+              f"| {100 * row['energy_GBps'] * 1e9 / bandwidth:.0f}% | {row['factored_MB']:.1f} "
+              f"| {row['fused_factored_ms']:.3f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__, "date": when,

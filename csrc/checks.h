@@ -42,34 +42,42 @@ inline void check_probability(const char* op, const char* name, double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": ", name, " must be a probability in [0, 1], got ", p);
 }
 
-// One dense square block per layer, in unit order: block l covers units [start_l, start_l + n_l)
-// and its couplings are n_l * n_l floats at `offset_l` of the packed buffer, row-major.
+// One coupling block per layer, in unit order: block l covers units [start_l, start_l + n_l), and its
+// couplings start at `offset_l` of the packed buffer, row-major: a dense block (rank 0) is J, n_l x n_l;
+// a factored block of rank r_l is W, n_l x r_l, standing for J = -W W^T.
 struct Block {
-  int64_t start, size, offset;
+  int64_t start, size, offset, rank;
+  bool dense() const { return rank == 0; }
+  int64_t numel() const { return size * (dense() ? size : rank); }
 };
 
-inline std::vector<Block> check_blocks(const char* op, at::IntArrayRef block_sizes, const at::Tensor& couplings,
-                                       const at::Tensor& states) {
+inline std::vector<Block> check_blocks(const char* op, at::IntArrayRef block_sizes, at::IntArrayRef block_ranks,
+                                       const at::Tensor& couplings, const at::Tensor& states) {
   const int64_t D = states.size(1);
   TORCH_CHECK_VALUE(couplings.scalar_type() == at::kFloat, op, ": couplings must be float32, got ",
                     couplings.scalar_type());
   TORCH_CHECK_VALUE(couplings.dim() == 1, op, ": couplings must be the packed 1-D buffer of all blocks, got ",
                     couplings.dim(), " dimensions");
   check_device(op, "couplings", couplings, states);
+  TORCH_CHECK_VALUE(block_ranks.size() == block_sizes.size(), op, ": block_ranks must have one entry per block (",
+                    block_sizes.size(), "), got ", block_ranks.size());
   std::vector<Block> blocks;
   blocks.reserve(block_sizes.size());
   int64_t start = 0, offset = 0;
   for (size_t l = 0; l < block_sizes.size(); ++l) {
-    const int64_t n = block_sizes[l];
+    const int64_t n = block_sizes[l], r = block_ranks[l];
     TORCH_CHECK_VALUE(n >= 1 && n <= D - start, op, ": block_sizes[", l, "] = ", n,
                       " must be at least 1 and fit the ", D, " units (blocks so far cover ", start, ")");
-    blocks.push_back({start, n, offset});
+    TORCH_CHECK_VALUE(r >= 0 && r <= kMaxUnits, op, ": block_ranks[", l, "] = ", r,
+                      " must be 0 (dense block) or a factor's number of columns");
+    blocks.push_back({start, n, offset, r});
     start += n;
-    offset += n * n;
+    offset += blocks.back().numel();
   }
   TORCH_CHECK_VALUE(start == D, op, ": block_sizes must sum to D = ", D, ", got ", start);
-  TORCH_CHECK_VALUE(couplings.numel() == offset, op, ": couplings must hold sum(n_l^2) = ", offset,
-                    " values for block_sizes, got ", couplings.numel());
+  TORCH_CHECK_VALUE(couplings.numel() == offset, op, ": couplings must hold ", offset,
+                    " values for these blocks (n^2 per dense block, n * rank per factored block), got ",
+                    couplings.numel());
   return blocks;
 }
 

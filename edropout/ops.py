@@ -14,67 +14,93 @@ op                 what it computes
 ``evolve_step``    ``evolve`` → ``ising_energy`` of the trials → ``select``, fused
 =================  ==============================================================================
 
-Couplings are block-diagonal, one square block per layer, the blocks covering the units in order; they
-are packed once into a :class:`Couplings` (one float32 buffer and the block sizes) and passed to every
-call, so no D×D matrix ever exists.
+Couplings are block-diagonal, one block per layer, the blocks covering the units in order; a block is
+dense (J, n × n) or factored (:class:`Factored` W, n × r, J = −W Wᵀ). They are packed once into a
+:class:`Couplings` (one float32 buffer, the block sizes and ranks) and passed to every call, so no D×D
+matrix ever exists.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Couplings", "ising_energy", "evolve", "select", "evolve_step"]
+__all__ = ["Couplings", "Factored", "ising_energy", "evolve", "select", "evolve_step"]
+
+
+class Factored(NamedTuple):
+    """A coupling block given by a factor: J = −W Wᵀ, W of shape ``[n, r]`` (scale W by √β for J = −β W Wᵀ).
+
+    Storing W takes n·r values instead of n², which pays when n > r, e.g. a Linear layer whose input
+    features (n) outnumber its outputs (r): AlexNet's first Linear has n = 9216 inputs and r = 4096 outputs.
+    """
+
+    weights: Tensor
 
 
 @dataclass(frozen=True)
 class Couplings:
-    """Block-diagonal couplings packed for the kernels.
+    """Block-diagonal couplings packed for the kernels, one block per layer, in unit order.
 
-    ``values`` holds every block's n_l × n_l entries, row-major, one block after the other (float32);
-    ``sizes`` holds the block sizes n_l, in unit order (their sum is D). Diagonal entries are ignored.
+    ``values`` holds every block's entries one block after the other, row-major (float32): a dense block
+    J (n_l × n_l) or a factored block W (n_l × r_l, J = −W Wᵀ). ``sizes`` holds the n_l (their sum is D)
+    and ``ranks`` the r_l, 0 for a dense block. Diagonal entries of J are ignored.
     Build one with :meth:`from_blocks` and reuse it: packing copies every block.
     """
 
     values: Tensor
     sizes: Tuple[int, ...]
+    ranks: Tuple[int, ...]
 
     @classmethod
-    def from_blocks(cls, blocks: Sequence[Tensor]) -> "Couplings":
-        """Pack square blocks ``[n_l, n_l]`` (any float dtype, one device) into one float32 buffer."""
-        if isinstance(blocks, Tensor) or len(blocks) == 0:
-            raise ValueError("blocks must be a non-empty sequence of square 2-D tensors, one per layer")
+    def from_blocks(cls, blocks: Sequence[Union[Tensor, Factored]]) -> "Couplings":
+        """Pack blocks, each a square tensor ``[n, n]`` or a :class:`Factored` ``[n, r]`` (any float dtype,
+        one device), into one float32 buffer."""
+        if isinstance(blocks, Tensor) or not isinstance(blocks, Sequence) or len(blocks) == 0:
+            raise ValueError("blocks must be a non-empty sequence of square 2-D tensors or Factored, one per layer")
+        flat, sizes, ranks = [], [], []
         for l, block in enumerate(blocks):
-            if not isinstance(block, Tensor) or block.dim() != 2 or block.shape[0] != block.shape[1]:
-                shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
-                raise ValueError(f"blocks[{l}] must be a square 2-D tensor [n, n], got {shape}")
-            if not block.is_floating_point():
-                raise ValueError(f"blocks[{l}] must be a floating-point tensor, got {block.dtype}")
-            if block.device != blocks[0].device:
-                raise ValueError(f"blocks[{l}] must be on {blocks[0].device} like blocks[0], got {block.device}")
-        values = torch.cat([b.reshape(-1).to(torch.float32) for b in blocks])
-        return cls(values, tuple(int(b.shape[0]) for b in blocks))
+            factored = isinstance(block, Factored)
+            t = block.weights if factored else block
+            name = f"blocks[{l}]" + (".weights" if factored else "")
+            if not isinstance(t, Tensor) or t.dim() != 2 or (not factored and t.shape[0] != t.shape[1]):
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                expected = "a 2-D tensor [n, r]" if factored else "a square 2-D tensor [n, n] or Factored"
+                raise ValueError(f"{name} must be {expected}, got {shape}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            first = blocks[0].weights if isinstance(blocks[0], Factored) else blocks[0]
+            if t.device != first.device:
+                raise ValueError(f"{name} must be on {first.device} like blocks[0], got {t.device}")
+            if factored and (t.shape[0] == 0 or t.shape[1] == 0):
+                raise ValueError(f"{name} must have at least one row and one column, got {tuple(t.shape)}")
+            flat.append(t.reshape(-1).to(torch.float32))
+            sizes.append(int(t.shape[0]))
+            ranks.append(int(t.shape[1]) if factored else 0)
+        return cls(torch.cat(flat), tuple(sizes), tuple(ranks))
 
     @property
     def num_units(self) -> int:
         return sum(self.sizes)
 
     def blocks(self) -> list:
-        """The blocks as ``[n_l, n_l]`` views of ``values``."""
+        """The blocks as views of ``values``: ``[n_l, n_l]`` tensors and :class:`Factored` ``[n_l, r_l]``."""
         out, offset = [], 0
-        for n in self.sizes:
-            out.append(self.values[offset : offset + n * n].view(n, n))
-            offset += n * n
+        for n, r in zip(self.sizes, self.ranks):
+            width = r if r else n
+            view = self.values[offset : offset + n * width].view(n, width)
+            out.append(Factored(view) if r else view)
+            offset += n * width
         return out
 
     def to(self, device: Union[str, torch.device]) -> "Couplings":
-        return Couplings(self.values.to(device), self.sizes)
+        return Couplings(self.values.to(device), self.sizes, self.ranks)
 
 
-BlocksLike = Union[Couplings, Sequence[Tensor]]
+BlocksLike = Union[Couplings, Sequence[Union[Tensor, Factored]]]
 
 
 def as_couplings(blocks: BlocksLike) -> Couplings:
@@ -87,14 +113,15 @@ def ising_energy(states: Tensor, field: Tensor, blocks: BlocksLike) -> Tensor:
     Args:
         states: uint8 ``[K, D]`` of 0/1.
         field: float32 ``[D]``, the fields h_i.
-        blocks: a :class:`Couplings`, or a list of square blocks ``[n_l, n_l]`` (packed on every call).
+        blocks: a :class:`Couplings`, or a list of blocks (square tensors ``[n_l, n_l]`` or
+            :class:`Factored`), packed on every call.
 
     Returns:
         float32 ``[K]``: E = −Σ_i h_i σ_i − ½ Σ_l Σ_{i≠j in block l} J^l_ij σ_i σ_j with σ = 2·states − 1,
         accumulated in float64 per row of couplings.
     """
     c = as_couplings(blocks)
-    return torch.ops.edropout.ising_energy.default(states, field, c.values, list(c.sizes))
+    return torch.ops.edropout.ising_energy.default(states, field, c.values, list(c.sizes), list(c.ranks))
 
 
 def evolve(
@@ -151,13 +178,13 @@ def evolve_step(
     after its argument checks."""
     c = as_couplings(blocks)
     return torch.ops.edropout.evolve_step.default(
-        population, energies, field, c.values, list(c.sizes), seed, step, mutation, crossover, keep
+        population, energies, field, c.values, list(c.sizes), list(c.ranks), seed, step, mutation, crossover, keep
     )
 
 
 # Shapes of the results for FakeTensor / torch.compile tracing.
 @torch.library.register_fake("edropout::ising_energy")
-def _ising_energy_fake(states, field, couplings, block_sizes):
+def _ising_energy_fake(states, field, couplings, block_sizes, block_ranks):
     return states.new_empty((states.shape[0],), dtype=torch.float32)
 
 
@@ -172,5 +199,5 @@ def _select_fake(population, energies, trials, trial_energies):
 
 
 @torch.library.register_fake("edropout::evolve_step")
-def _evolve_step_fake(population, energies, field, couplings, block_sizes, seed, step, mutation, crossover, keep):
+def _evolve_step_fake(population, energies, field, couplings, block_sizes, block_ranks, seed, step, mutation, crossover, keep):
     return torch.empty_like(population), torch.empty_like(energies), population.new_empty((), dtype=torch.int64)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ops import BlocksLike, as_couplings
+from .ops import BlocksLike, Factored, as_couplings
 
 __all__ = ["philox4x32_10", "evolve", "ising_energy", "select", "evolve_step"]
 
@@ -107,16 +107,22 @@ def evolve(
 def ising_energy(states: Tensor, field: Tensor, blocks: BlocksLike, dtype: torch.dtype = torch.float64) -> Tensor:
     """Reference of :func:`edropout.ops.ising_energy`, computed in ``dtype`` (float64 by default).
 
-    Per block, σ_lᵀ J σ_l − Σ_i J_ii is the coupling sum over i ≠ j (σ_i² = 1)."""
+    Per block, σ_lᵀ J σ_l − Σ_i J_ii is the coupling sum over i ≠ j (σ_i² = 1); for a factored block,
+    J = −W Wᵀ, it is −(‖Wᵀσ_l‖² − Σ_i ‖w_i‖²)."""
     sigma = states.to(dtype) * 2 - 1
     energy = -(sigma @ field.to(dtype))
     start = 0
-    for J in as_couplings(blocks).blocks():
-        n = J.shape[0]
-        s = sigma[:, start : start + n]
-        J = J.to(dtype)
-        energy = energy - 0.5 * (((s @ J) * s).sum(dim=1) - torch.diagonal(J).sum())
-        start += n
+    for block in as_couplings(blocks).blocks():
+        if isinstance(block, Factored):
+            W = block.weights.to(dtype)
+            s = sigma[:, start : start + W.shape[0]]
+            pair_sum = -(((s @ W) ** 2).sum(dim=1) - (W**2).sum())
+        else:
+            J = block.to(dtype)
+            s = sigma[:, start : start + J.shape[0]]
+            pair_sum = ((s @ J) * s).sum(dim=1) - torch.diagonal(J).sum()
+        energy = energy - 0.5 * pair_sum
+        start += s.shape[1]
     return energy
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from edropout.ops import Couplings
+from edropout.ops import Couplings, Factored
 
 
 def random_states(K, D, gen, p=0.5, device="cpu"):
@@ -23,9 +23,19 @@ def random_sizes(D, gen, max_size):
     return sizes
 
 
-def random_couplings(sizes, gen, device="cpu"):
-    blocks = [torch.randn(n, n, generator=gen) * (1 + 3 * torch.rand(1, generator=gen)) for n in sizes]
-    return Couplings.from_blocks([b.to(device) for b in blocks])
+def random_couplings(sizes, gen, device="cpu", factored=0.0, ranks=None):
+    """Dense random blocks; a fraction `factored` of them (or those with ranks[l] > 0) are Factored, of
+    random rank in [1, 2n] unless given."""
+    blocks = []
+    for l, n in enumerate(sizes):
+        scale = 1 + 3 * torch.rand(1, generator=gen)
+        r = ranks[l] if ranks is not None else (
+            int(torch.randint(1, 2 * n + 1, (1,), generator=gen)) if torch.rand(1, generator=gen) < factored else 0)
+        if r:
+            blocks.append(Factored((torch.randn(n, r, generator=gen) * scale / r**0.5).to(device)))
+        else:
+            blocks.append((torch.randn(n, n, generator=gen) * scale).to(device))
+    return Couplings.from_blocks(blocks)
 
 
 def layout(kind, D, gen):

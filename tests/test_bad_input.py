@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edropout import ops
-from edropout.ops import Couplings
+from edropout.ops import Couplings, Factored
 
 CUDA = torch.cuda.is_available()
 
@@ -25,11 +25,12 @@ def raises(fn, *words):
         assert word in message, message
 
 
-def ising(states=None, field=None, values=None, sizes=None):
+def ising(states=None, field=None, values=None, sizes=None, ranks=None):
     pop, h, c = good()
     return torch.ops.edropout.ising_energy(
         pop if states is None else states, h if field is None else field,
-        c.values if values is None else values, list(c.sizes) if sizes is None else sizes)
+        c.values if values is None else values, list(c.sizes) if sizes is None else sizes,
+        list(c.ranks) if ranks is None else ranks)
 
 
 @pytest.mark.parametrize("states,words", [
@@ -51,6 +52,9 @@ def test_ising_energy_field_and_blocks():
     raises(lambda: ising(sizes=[2, 5]), "block_sizes[1]", "fit")
     raises(lambda: ising(sizes=[0, 6]), "block_sizes[0]", "at least 1")
     raises(lambda: ising(sizes=[-2, 8]), "block_sizes[0]")
+    raises(lambda: ising(ranks=[0]), "block_ranks", "one entry per block")
+    raises(lambda: ising(ranks=[0, -1]), "block_ranks[1]")
+    raises(lambda: ising(ranks=[0, 3]), "couplings", "16")  # the second block read as a 4 x 3 factor
     raises(lambda: ising(values=torch.randn(19)), "couplings", "20")
     raises(lambda: ising(values=torch.randn(20, dtype=torch.float64)), "couplings", "float32")
     raises(lambda: ising(values=torch.randn(4, 5)), "couplings", "1-D")
@@ -63,6 +67,8 @@ def test_couplings_from_blocks():
     raises(lambda: Couplings.from_blocks([]), "blocks", "non-empty")
     raises(lambda: Couplings.from_blocks(torch.randn(3, 3)), "blocks", "sequence")
     raises(lambda: Couplings.from_blocks([[1.0]]), "blocks[0]")
+    raises(lambda: Couplings.from_blocks([Factored(torch.randn(3))]), "blocks[0].weights", "[n, r]")
+    raises(lambda: Couplings.from_blocks([torch.randn(2, 2), Factored(torch.randn(3, 0))]), "blocks[1].weights")
 
 
 def test_evolve():

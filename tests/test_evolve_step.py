@@ -12,7 +12,7 @@ CUDA = torch.cuda.is_available()
 def test_matches_the_three_ops_and_reference(device, gen, K, D, kind):
     pop = random_states(K, D, gen, device=device)
     field = random_field(D, gen, device)
-    couplings = random_couplings(layout(kind, D, gen), gen, device)
+    couplings = random_couplings(layout(kind, D, gen), gen, device, factored=0.3)
     keep = (torch.rand(D, generator=gen) < 0.1).to(device)
     energies = ops.ising_energy(pop, field, couplings)
     seed, step = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**20, (1,), generator=gen))
@@ -71,7 +71,7 @@ def test_cpu_and_cuda_agree(gen):
     K, D = 8, 30_000
     pop = random_states(K, D, gen)
     field = random_field(D, gen)
-    couplings = random_couplings([64] * 400 + [D - 25_600], gen)
+    couplings = random_couplings([64] * 400 + [D - 25_600 - 2000, 2000], gen, ranks=[0] * 400 + [0, 300])
     energies = ops.ising_energy(pop, field, couplings)
     on_cpu = ops.evolve_step(pop, energies, field, couplings, 3, 4)
     on_cuda = ops.evolve_step(pop.cuda(), energies.cuda(), field.cuda(), couplings.to("cuda"), 3, 4)
@@ -86,7 +86,7 @@ def test_opcheck(device, gen):
     c = random_couplings([10, 20], gen, device)
     e = ops.ising_energy(pop, field, c)
     torch.library.opcheck(torch.ops.edropout.evolve_step.default,
-                          (pop, e, field, c.values, list(c.sizes), 1, 2, 0.1, 0.9, None))
+                          (pop, e, field, c.values, list(c.sizes), list(c.ranks), 1, 2, 0.1, 0.9, None))
 
 
 def test_torch_compile_traces_the_ops(gen):

@@ -14,13 +14,14 @@ def assert_energies_close(out, ref):
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize("factored", [0.0, 0.5], ids=["dense", "half-factored"])
 @pytest.mark.parametrize("K", [1, 4, 5, 8, 13, 64])
 @pytest.mark.parametrize("D,kind", [(1, "one"), (2, "one"), (7, "small"), (33, "mixed"), (257, "one"),
                                     (1000, "mixed"), (3001, "small")])
-def test_matches_reference(device, gen, K, D, kind):
+def test_matches_reference(device, gen, K, D, kind, factored):
     states = random_states(K, D, gen, p=float(torch.rand(1, generator=gen)), device=device)
     field = random_field(D, gen, device)
-    couplings = random_couplings(layout(kind, D, gen), gen, device)
+    couplings = random_couplings(layout(kind, D, gen), gen, device, factored=factored)
     assert_energies_close(ops.ising_energy(states, field, couplings), reference.ising_energy(states, field, couplings))
 
 
@@ -39,6 +40,28 @@ def test_one_huge_block(device, gen):
     field = random_field(D, gen, device)
     couplings = random_couplings(sizes, gen, device)
     assert_energies_close(ops.ising_energy(states, field, couplings), reference.ising_energy(states, field, couplings))
+
+
+def test_one_huge_factored_block(device, gen):
+    D = 100_003  # one factored block of 100 000 units and rank 64 (25.6 MB) beside a few dense ones
+    sizes, ranks = [1, D - 4, 3], [0, 64, 0]
+    states = random_states(8, D, gen, device=device)
+    field = random_field(D, gen, device)
+    couplings = random_couplings(sizes, gen, device, ranks=ranks)
+    assert couplings.ranks == (0, 64, 0)
+    assert_energies_close(ops.ising_energy(states, field, couplings), reference.ising_energy(states, field, couplings))
+
+
+def test_factored_equals_its_dense_block(device, gen):
+    n, r = 300, 37
+    W = torch.randn(n, r, generator=gen)
+    states = random_states(9, n + 2, gen, device=device)
+    field = random_field(n + 2, gen, device)
+    extra = torch.randn(2, 2, generator=gen)
+    as_factor = ops.ising_energy(states, field, [extra.to(device), ops.Factored(W.to(device))])
+    as_dense = ops.ising_energy(states, field, [extra.to(device), (-W @ W.t()).to(device)])
+    assert_energies_close(as_factor, reference.ising_energy(states, field, [extra, -W.double() @ W.double().t()]))
+    torch.testing.assert_close(as_factor, as_dense, rtol=1e-5, atol=1e-6 * float(as_dense.abs().max()))
 
 
 def test_diagonal_is_ignored(device, gen):
@@ -77,10 +100,12 @@ def test_list_of_blocks_equals_packed(gen):
     blocks = [torch.randn(n, n, generator=gen) for n in sizes]
     states = random_states(4, 9, gen)
     field = random_field(9, gen)
+    blocks[1] = ops.Factored(torch.randn(1, 4, generator=gen))
     packed = Couplings.from_blocks(blocks)
-    assert packed.sizes == (3, 1, 5) and packed.num_units == 9
-    for a, b in zip(packed.blocks(), blocks):
-        assert torch.equal(a, b)
+    assert packed.sizes == (3, 1, 5) and packed.ranks == (0, 4, 0) and packed.num_units == 9
+    unpacked = packed.blocks()
+    assert torch.equal(unpacked[0], blocks[0]) and torch.equal(unpacked[2], blocks[2])
+    assert isinstance(unpacked[1], ops.Factored) and torch.equal(unpacked[1].weights, blocks[1].weights)
     assert torch.equal(ops.ising_energy(states, field, blocks), ops.ising_energy(states, field, packed))
 
 
@@ -104,5 +129,5 @@ def test_nan_propagates(gen):
 def test_opcheck(device, gen):
     states = random_states(5, 40, gen, device=device)
     field = random_field(40, gen, device)
-    c = random_couplings([10, 1, 29], gen, device)
-    torch.library.opcheck(torch.ops.edropout.ising_energy.default, (states, field, c.values, list(c.sizes)))
+    c = random_couplings([10, 1, 29], gen, device, ranks=[0, 3, 7])
+    torch.library.opcheck(torch.ops.edropout.ising_energy.default, (states, field, c.values, list(c.sizes), list(c.ranks)))

@@ -81,20 +81,80 @@ void accumulate_row(const float* J, const float* signs, int64_t begin, int64_t e
   }
 }
 
-// A task is a run of rows inside one block, about kTaskWork couplings, a multiple of kTile rows unless
-// the block ends. Tasks depend only on the layout, and their partial sums are added in task order, so
-// the result does not depend on the thread count.
+// For the columns [c0, c0 + width) (width <= kColumns) of a factored block W (n x rank, row-major):
+// acc[k] += sum_c P_kc^2 with P_kc = sum_i s_ki W_ic, and wsq += sum W_ic^2. The pair sum of a factored
+// block is the difference of these two large sums, so both are kept in float64 (the products s_ki W_ic and
+// W_ic^2 are exact there). P is one vector of the 8 members per column; rows go 8 at a time, so each P_c
+// is loaded and stored once per 8 rows, and columns 8 at a time, for 8 independent chains of additions.
+constexpr int64_t kColumns = 256;
+typedef double Vec8d __attribute__((vector_size(kGroup * sizeof(double))));
+
+inline Vec8d widen(const Vec8& v) { return __builtin_convertvector(v, Vec8d); }
+
+EDROPOUT_CPU_CLONES
+void accumulate_columns(const float* W, int64_t rank, int64_t n, int64_t c0, int64_t width, const float* signs,
+                        double* acc, double& wsq) {
+  Vec8d P[kColumns], w2 = {};
+  double Wd[kTile][kColumns];  // the current rows' segments, widened once
+  for (int64_t c = 0; c < width; ++c) P[c] = Vec8d{};
+  for (int64_t i = 0; i < n; i += kTile) {
+    const int64_t rows = std::min(kTile, n - i);
+    const float* Wi = W + i * rank + c0;
+    // The next rows' segments are short strided runs the hardware prefetcher does not catch in time.
+    for (int64_t r = kTile; r < 2 * kTile && i + r < n; ++r)
+      for (int64_t c = 0; c < width; c += 64 / sizeof(float)) __builtin_prefetch(Wi + r * rank + c);
+    Vec8d s[kTile];
+    for (int64_t r = 0; r < kTile; ++r) {
+      s[r] = r < rows ? widen(load8(signs + (i + r) * kGroup)) : Vec8d{};
+      for (int64_t c = 0; c < width; ++c) Wd[r][c] = r < rows ? Wi[r * rank + c] : 0.0;
+    }
+    int64_t c = 0;
+    for (; c + 8 <= width; c += 8) {
+      Vec8d p[8];
+      for (int64_t u = 0; u < 8; ++u) p[u] = P[c + u];
+      for (int64_t r = 0; r < kTile; ++r)
+        for (int64_t u = 0; u < 8; ++u) p[u] += Wd[r][c + u] * s[r];
+      for (int64_t u = 0; u < 8; ++u) P[c + u] = p[u];
+      for (int64_t r = 0; r < kTile; ++r) {
+        Vec8d w;
+        std::memcpy(&w, &Wd[r][c], sizeof(w));
+        w2 += w * w;
+      }
+    }
+    for (; c < width; ++c)
+      for (int64_t r = 0; r < kTile; ++r) {
+        P[c] += Wd[r][c] * s[r];
+        w2[0] += Wd[r][c] * Wd[r][c];
+      }
+  }
+  for (int64_t c = 0; c < width; ++c)
+    for (int64_t k = 0; k < kGroup; ++k) acc[k] += P[c][k] * P[c][k];
+  for (int64_t k = 0; k < kGroup; ++k) wsq += w2[k];
+}
+
+// Tasks depend only on the layout, and their partial sums are added in task order, so the result does not
+// depend on the thread count. A task is about kTaskWork couplings of a dense block's rows (a multiple of kTile
+// rows unless the block ends), or kColumns columns of a factored block (all its rows), or field units.
+enum class TaskKind { kField, kDenseRows, kFactoredColumns };
 struct Task {
-  int64_t block, row_begin, row_end;
+  TaskKind kind;
+  int64_t block, begin, end;
 };
 constexpr int64_t kTaskWork = 1 << 16;
 
-std::vector<Task> make_tasks(const std::vector<Block>& blocks) {
+std::vector<Task> make_tasks(const std::vector<Block>& blocks, int64_t D) {
   std::vector<Task> tasks;
+  for (int64_t d = 0; d < D; d += kTaskWork) tasks.push_back({TaskKind::kField, -1, d, std::min(D, d + kTaskWork)});
   for (int64_t l = 0; l < static_cast<int64_t>(blocks.size()); ++l) {
     const Block& b = blocks[l];
-    const int64_t rows = std::max<int64_t>(kTile, kTaskWork / b.size / kTile * kTile);
-    for (int64_t r = 0; r < b.size; r += rows) tasks.push_back({l, b.start + r, b.start + std::min(b.size, r + rows)});
+    if (b.dense()) {
+      const int64_t step = std::max<int64_t>(kTile, kTaskWork / b.size / kTile * kTile);
+      for (int64_t r = 0; r < b.size; r += step)
+        tasks.push_back({TaskKind::kDenseRows, l, b.start + r, b.start + std::min(b.size, r + step)});
+    } else {
+      for (int64_t c = 0; c < b.rank; c += kColumns)
+        tasks.push_back({TaskKind::kFactoredColumns, l, c, std::min(b.rank, c + kColumns)});
+    }
   }
   return tasks;
 }
@@ -135,24 +195,35 @@ void ising_energy_into(const uint8_t* states, int64_t K, int64_t D, const float*
         }
   });
 
-  const std::vector<Task> tasks = make_tasks(blocks);
+  const std::vector<Task> tasks = make_tasks(blocks, D);
   std::vector<double> partial(tasks.size() * groups * kGroup, 0.0);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
-      const Block& b = blocks[task.block];
       for (int64_t g = 0; g < groups; ++g) {
         const float* sg = signs.data() + g * D * kGroup;
         double* acc = partial.data() + (t * groups + g) * kGroup;
+        if (task.kind == TaskKind::kField) {  // -sum_i h_i s_ki
+          for (int64_t i = task.begin; i < task.end; ++i)
+            for (int64_t k = 0; k < kGroup; ++k) acc[k] -= static_cast<double>(field[i]) * sg[i * kGroup + k];
+          continue;
+        }
+        const Block& b = blocks[task.block];
         const float* block_signs = sg + b.start * kGroup;
-        for (int64_t i = task.row_begin; i < task.row_end;) {
-          const int64_t count = i + kTile <= task.row_end ? kTile : 1;
+        if (task.kind == TaskKind::kFactoredColumns) {  // 1/2 (|W^T s_k|^2 - sum_i |w_i|^2)
+          double sq[kGroup] = {}, wsq = 0.0;
+          accumulate_columns(couplings + b.offset, b.rank, b.size, task.begin, task.end - task.begin, block_signs,
+                             sq, wsq);
+          for (int64_t k = 0; k < kGroup; ++k) acc[k] += 0.5 * (sq[k] - wsq);
+          continue;
+        }
+        for (int64_t i = task.begin; i < task.end;) {  // -1/2 s_ki sum_{j != i} J_ij s_kj
+          const int64_t count = i + kTile <= task.end ? kTile : 1;
           double dots[kTile][kGroup];
           row_dots(b, couplings, block_signs, i, count, dots);
           for (int64_t r = 0; r < count; ++r, ++i) {
             const float* si = sg + i * kGroup;
-            for (int64_t k = 0; k < kGroup; ++k)
-              acc[k] -= static_cast<double>(si[k]) * (static_cast<double>(field[i]) + 0.5 * dots[r][k]);
+            for (int64_t k = 0; k < kGroup; ++k) acc[k] -= 0.5 * si[k] * dots[r][k];
           }
         }
       }
@@ -169,11 +240,11 @@ void ising_energy_into(const uint8_t* states, int64_t K, int64_t D, const float*
 namespace {
 
 at::Tensor ising_energy_cpu(const at::Tensor& states, const at::Tensor& field, const at::Tensor& couplings,
-                            at::IntArrayRef block_sizes) {
+                            at::IntArrayRef block_sizes, at::IntArrayRef block_ranks) {
   constexpr const char* op = "edropout.ising_energy";
   check_states(op, "states", states, 1);
   check_ising_inputs(op, states, field);
-  const std::vector<Block> blocks = check_blocks(op, block_sizes, couplings, states);
+  const std::vector<Block> blocks = check_blocks(op, block_sizes, block_ranks, couplings, states);
   const at::Tensor s = states.contiguous(), h = field.contiguous(), J = couplings.contiguous();
   at::Tensor out = at::empty({s.size(0)}, field.options());
   ising_energy_into(s.data_ptr<uint8_t>(), s.size(0), s.size(1), h.data_ptr<float>(), J.data_ptr<float>(), blocks,
