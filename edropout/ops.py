@@ -174,8 +174,8 @@ def evolve_step(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One training step of the population in one call: ``evolve`` → ``ising_energy`` of the trials →
     ``select``. Same arguments and results as the three ops in turn (``energies`` are the population's
-    current energies); on CUDA it runs in four kernel launches and never synchronises with the host
-    after its argument checks."""
+    current energies); on CUDA it runs in four kernel launches (five with factored blocks) and does not
+    synchronise with the host after its argument checks."""
     c = as_couplings(blocks)
     return torch.ops.edropout.evolve_step.default(
         population, energies, field, c.values, list(c.sizes), list(c.ranks), seed, step, mutation, crossover, keep

@@ -80,6 +80,37 @@ def test_cpu_and_cuda_agree(gen):
     assert_same_winners(on_cuda[0], on_cpu[0], energies, trial_energies)
 
 
+@pytest.mark.slow
+def test_resnet101_layout_against_reference(device, gen):
+    # The real layout (D = 54822, 105 blocks), each block stored the cheaper way, a few generations.
+    import torchvision
+
+    import edropout
+
+    model = torchvision.models.resnet101(num_classes=102)
+    modules = dict(model.named_modules())
+    blocks = []
+    for layer in edropout.unit_layout(model):
+        n = layer.size
+        r = n if layer.always_kept else layer.kernels(modules[layer.name]).shape[1]
+        blocks.append(ops.Factored(torch.randn(n, r, generator=gen) / r**0.5) if r < n
+                      else torch.randn(n, n, generator=gen))
+    couplings = ops.Couplings.from_blocks(blocks).to(device)
+    D = couplings.num_units
+    field = random_field(D, gen, device)
+    pop = random_states(8, D, gen, device=device)
+    energies = ops.ising_energy(pop, field, couplings)
+    for step in range(3):
+        trials = ops.evolve(pop, 5, step)
+        assert torch.equal(trials.cpu(), reference.evolve(pop, 5, step).cpu())
+        trial_energies = reference.ising_energy(trials, field, couplings)
+        new_pop, new_e, best = ops.evolve_step(pop, energies, field, couplings, 5, step)
+        ref_pop, ref_e, _ = reference.select(pop, energies, trials, trial_energies.float())
+        torch.testing.assert_close(new_e.cpu(), ref_e.cpu(), rtol=1e-5, atol=1e-6 * float(ref_e.abs().max()))
+        assert_same_winners(new_pop, ref_pop, energies, trial_energies)
+        pop, energies = new_pop, new_e
+
+
 def test_opcheck(device, gen):
     pop = random_states(4, 30, gen, device=device)
     field = random_field(30, gen, device)
