@@ -81,13 +81,18 @@ inline std::vector<Block> check_blocks(const char* op, at::IntArrayRef block_siz
   return blocks;
 }
 
-inline void check_ising_inputs(const char* op, const at::Tensor& states, const at::Tensor& field) {
+// The field and couplings of already checked states; returns the blocks.
+inline std::vector<Block> check_energy_terms(const char* op, const at::Tensor& states, const at::Tensor& field,
+                                             const at::Tensor& couplings, at::IntArrayRef block_sizes,
+                                             at::IntArrayRef block_ranks) {
   check_vector(op, "field", field, at::kFloat, states.size(1), "D");
   check_device(op, "field", field, states);
+  return check_blocks(op, block_sizes, block_ranks, couplings, states);
 }
 
 inline void check_evolve_inputs(const char* op, const at::Tensor& population, double mutation, double crossover,
                                 const c10::optional<at::Tensor>& keep) {
+  check_states(op, "population", population, 4);
   TORCH_CHECK_VALUE(population.size(0) <= kMaxMembers, op, ": population must have at most ", kMaxMembers,
                     " members (rows), got K = ", population.size(0));
   check_probability(op, "mutation", mutation);
@@ -100,6 +105,7 @@ inline void check_evolve_inputs(const char* op, const at::Tensor& population, do
 
 inline void check_select_inputs(const char* op, const at::Tensor& population, const at::Tensor& energies,
                                 const at::Tensor& trials, const at::Tensor& trial_energies) {
+  check_states(op, "population", population, 1);
   const int64_t K = population.size(0);
   check_states(op, "trials", trials, 1);
   TORCH_CHECK_VALUE(trials.sizes() == population.sizes(), op, ": trials must have the population's shape ",
@@ -109,6 +115,26 @@ inline void check_select_inputs(const char* op, const at::Tensor& population, co
   check_device(op, "trials", trials, population);
   check_device(op, "energies", energies, population);
   check_device(op, "trial_energies", trial_energies, population);
+}
+
+// Every check of ising_energy's arguments; returns the blocks.
+inline std::vector<Block> check_ising_energy_inputs(const char* op, const at::Tensor& states, const at::Tensor& field,
+                                                    const at::Tensor& couplings, at::IntArrayRef block_sizes,
+                                                    at::IntArrayRef block_ranks) {
+  check_states(op, "states", states, 1);
+  return check_energy_terms(op, states, field, couplings, block_sizes, block_ranks);
+}
+
+// Every check of evolve_step's arguments; returns the blocks.
+inline std::vector<Block> check_evolve_step_inputs(const char* op, const at::Tensor& population,
+                                                   const at::Tensor& energies, const at::Tensor& field,
+                                                   const at::Tensor& couplings, at::IntArrayRef block_sizes,
+                                                   at::IntArrayRef block_ranks, double mutation, double crossover,
+                                                   const c10::optional<at::Tensor>& keep) {
+  check_evolve_inputs(op, population, mutation, crossover, keep);
+  check_vector(op, "energies", energies, at::kFloat, population.size(0), "K");
+  check_device(op, "energies", energies, population);
+  return check_energy_terms(op, population, field, couplings, block_sizes, block_ranks);
 }
 
 }  // namespace edropout

@@ -5,12 +5,6 @@
 
 #include "kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EDROPOUT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EDROPOUT_CPU_CLONES
-#endif
-
 namespace edropout::cpu {
 namespace {
 
@@ -122,7 +116,6 @@ namespace {
 at::Tensor evolve_cpu(const at::Tensor& population, int64_t seed, int64_t step, double mutation, double crossover,
                       const c10::optional<at::Tensor>& keep) {
   constexpr const char* op = "edropout.evolve";
-  check_states(op, "population", population, 4);
   check_evolve_inputs(op, population, mutation, crossover, keep);
   const at::Tensor pop = population.contiguous();
   const at::Tensor keep_mask = keep.has_value() ? keep->contiguous() : at::Tensor();

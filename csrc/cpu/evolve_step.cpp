@@ -12,12 +12,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> evolve_step_cpu(
     at::IntArrayRef block_sizes, at::IntArrayRef block_ranks, int64_t seed, int64_t step, double mutation, double crossover,
     const c10::optional<at::Tensor>& keep) {
   constexpr const char* op = "edropout.evolve_step";
-  check_states(op, "population", population, 4);
-  check_vector(op, "energies", energies, at::kFloat, population.size(0), "K");
-  check_device(op, "energies", energies, population);
-  check_ising_inputs(op, population, field);
-  const std::vector<Block> blocks = check_blocks(op, block_sizes, block_ranks, couplings, population);
-  check_evolve_inputs(op, population, mutation, crossover, keep);
+  const std::vector<Block> blocks = check_evolve_step_inputs(op, population, energies, field, couplings, block_sizes,
+                                                             block_ranks, mutation, crossover, keep);
 
   const at::Tensor pop = population.contiguous(), e = energies.contiguous();
   const at::Tensor h = field.contiguous(), J = couplings.contiguous();

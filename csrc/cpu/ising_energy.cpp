@@ -6,14 +6,6 @@
 
 #include "kernels.h"
 
-// The inner loops are compiled for x86-64-v4 (AVX-512) and v3 (AVX2, FMA) as well as the baseline; the loader picks the
-// best one this CPU runs (GCC function multi-versioning), so one wheel is fast everywhere.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EDROPOUT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EDROPOUT_CPU_CLONES
-#endif
-
 namespace edropout::cpu {
 namespace {
 
@@ -242,9 +234,7 @@ namespace {
 at::Tensor ising_energy_cpu(const at::Tensor& states, const at::Tensor& field, const at::Tensor& couplings,
                             at::IntArrayRef block_sizes, at::IntArrayRef block_ranks) {
   constexpr const char* op = "edropout.ising_energy";
-  check_states(op, "states", states, 1);
-  check_ising_inputs(op, states, field);
-  const std::vector<Block> blocks = check_blocks(op, block_sizes, block_ranks, couplings, states);
+  const std::vector<Block> blocks = check_ising_energy_inputs(op, states, field, couplings, block_sizes, block_ranks);
   const at::Tensor s = states.contiguous(), h = field.contiguous(), J = couplings.contiguous();
   at::Tensor out = at::empty({s.size(0)}, field.options());
   ising_energy_into(s.data_ptr<uint8_t>(), s.size(0), s.size(1), h.data_ptr<float>(), J.data_ptr<float>(), blocks,

@@ -7,6 +7,14 @@
 #include "../checks.h"
 #include "../philox.h"
 
+// Hot loops are compiled for x86-64-v4 (AVX-512) and v3 (AVX2, FMA) as well as the baseline; the loader
+// picks the best one this CPU runs (GCC function multi-versioning), so one build is fast everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EDROPOUT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EDROPOUT_CPU_CLONES
+#endif
+
 namespace edropout::cpu {
 
 // trials[K, D] <- one generation of binary differential evolution of population[K, D].

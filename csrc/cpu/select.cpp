@@ -24,7 +24,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_cpu(const at::Tensor& popu
                                                           const at::Tensor& trials,
                                                           const at::Tensor& trial_energies) {
   constexpr const char* op = "edropout.select";
-  check_states(op, "population", population, 1);
   check_select_inputs(op, population, energies, trials, trial_energies);
   const at::Tensor pop = population.contiguous(), tri = trials.contiguous();
   const at::Tensor e = energies.contiguous(), te = trial_energies.contiguous();

@@ -57,7 +57,6 @@ __global__ void evolve_kernel(const uint8_t* __restrict__ population, int32_t K,
 at::Tensor evolve_cuda(const at::Tensor& population, int64_t seed, int64_t step, double mutation, double crossover,
                        const c10::optional<at::Tensor>& keep) {
   constexpr const char* op = "edropout.evolve";
-  check_states(op, "population", population, 4);
   check_evolve_inputs(op, population, mutation, crossover, keep);
   const c10::cuda::CUDAGuard guard(population.device());
   const at::Tensor pop = population.contiguous();

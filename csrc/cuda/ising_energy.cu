@@ -180,9 +180,7 @@ void launch_partial_kernels(dim3 dense_grid, dim3 factored_grid, cudaStream_t st
 at::Tensor ising_energy_cuda(const at::Tensor& states, const at::Tensor& field, const at::Tensor& couplings,
                              at::IntArrayRef block_sizes, at::IntArrayRef block_ranks) {
   constexpr const char* op = "edropout.ising_energy";
-  check_states(op, "states", states, 1);
-  check_ising_inputs(op, states, field);
-  const std::vector<Block> blocks = check_blocks(op, block_sizes, block_ranks, couplings, states);
+  const std::vector<Block> blocks = check_ising_energy_inputs(op, states, field, couplings, block_sizes, block_ranks);
   const c10::cuda::CUDAGuard guard(states.device());
   const at::Tensor s = states.contiguous(), h = field.contiguous(), J = couplings.contiguous();
   const int64_t K = s.size(0), D = s.size(1);

@@ -47,7 +47,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_cuda(const at::Tensor& pop
                                                            const at::Tensor& trials,
                                                            const at::Tensor& trial_energies) {
   constexpr const char* op = "edropout.select";
-  check_states(op, "population", population, 1);
   check_select_inputs(op, population, energies, trials, trial_energies);
   const c10::cuda::CUDAGuard guard(population.device());
   const at::Tensor pop = population.contiguous(), tri = trials.contiguous();
