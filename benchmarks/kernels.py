@@ -69,18 +69,18 @@ def layout_terms(name, device, gen, factored):
     """Random fields and couplings over the network's unit layout: every block dense, or (factored=True)
     each block stored the cheaper way, as a factor W (n x r, r = the unit's kernel size) where r < n."""
     model = getattr(torchvision.models, name)(num_classes=102)
-    modules = dict(model.named_modules())
+    units = edropout.prunable_units(model)
     blocks = []
-    for layer in edropout.unit_layout(model):
+    for layer in units:
         n = layer.size
-        r = n if layer.always_kept else layer.kernels(modules[layer.name]).shape[1]
+        r = n if layer.always_kept else layer.kernels().shape[1]
         if factored and r < n:
             blocks.append(ops.Factored(torch.randn(n, r, generator=gen) / r**0.5))
         else:
             blocks.append(torch.randn(n, n, generator=gen))
     couplings = ops.Couplings.from_blocks(blocks)
     del blocks
-    keep = torch.cat([torch.full((layer.size,), layer.always_kept) for layer in edropout.unit_layout(model)])
+    keep = units.always_kept()
     field = torch.randn(couplings.num_units, generator=gen)
     return couplings.to(device), field.to(device), keep.to(device)
 

@@ -15,19 +15,18 @@ import torchvision
 from tqdm import tqdm
 
 from . import ops
-from .layout import unit_layout
+from .units import prunable_units
 
 
 def ising_terms(model, beta):
     """Fields, packed couplings and the always-kept mask of ``model``'s units."""
-    modules = dict(model.named_modules())
     fields, blocks, keep = [], [], []
-    for layer in unit_layout(model):
+    for layer in prunable_units(model):
         if layer.always_kept:
             fields.append(torch.zeros(layer.size))
             blocks.append(torch.zeros(layer.size, layer.size))
         else:
-            w = layer.kernels(modules[layer.name])
+            w = layer.kernels()
             norms = w.norm(dim=1)
             fields.append(norms / norms.mean() - 1)
             unit = w / norms.clamp_min(1e-12)[:, None]

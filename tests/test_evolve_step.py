@@ -88,11 +88,10 @@ def test_resnet101_layout_against_reference(device, gen):
     import edropout
 
     model = torchvision.models.resnet101(num_classes=102)
-    modules = dict(model.named_modules())
     blocks = []
-    for layer in edropout.unit_layout(model):
+    for layer in edropout.prunable_units(model):
         n = layer.size
-        r = n if layer.always_kept else layer.kernels(modules[layer.name]).shape[1]
+        r = n if layer.always_kept else layer.kernels().shape[1]
         blocks.append(ops.Factored(torch.randn(n, r, generator=gen) / r**0.5) if r < n
                       else torch.randn(n, n, generator=gen))
     couplings = ops.Couplings.from_blocks(blocks).to(device)
