@@ -1,51 +1,120 @@
-"""Where a network's units are: one block per layer, in module order.
+"""A network's prunable units: one block per layer, in module order.
 
-Units are every ``Conv2d`` output channel (a kernel) and every ``Linear`` input feature (a hidden unit);
-when the network ends in a ``Linear`` classifier, its outputs are units too, always kept. With 102
-classes this gives D = 3046 (SqueezeNet 1.1), 5414 (ResNet-18), 9126 (ResNet-34), 18662 (AlexNet),
-28710 (ResNet-50) and 54822 (ResNet-101).
+Units are every ``Conv2d`` output channel (a kernel) and every ``Linear`` input feature (a hidden unit).
+The classifier's outputs are units that are always kept (the seed's "output layer must be one"): the
+outputs of the last ``Linear`` when the network ends in one (an extra block), or the output channels of
+the last ``Conv2d`` when that is the classifier (SqueezeNet). With 102 classes this gives D = 3046
+(SqueezeNet 1.1), 5414 (ResNet-18), 9126 (ResNet-34), 18662 (AlexNet), 28710 (ResNet-50) and 54822
+(ResNet-101). The seed's published counts differ for the ResNets (6208, 9920, 32448, 58560) because its
+count also included the BatchNorm channels of the downsample branches; those are not separate units here:
+a downsample convolution's output channels are units, and its BatchNorm channel goes with each.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List
+from dataclasses import dataclass, field
+from typing import Iterable, List, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["LayerUnits", "unit_layout"]
+__all__ = ["Layer", "PrunableUnits", "prunable_units"]
 
 
 @dataclass(frozen=True)
-class LayerUnits:
-    name: str  # the module's name in the model ("" for the classifier's outputs)
-    kind: str  # "conv_out", "linear_in" or "classifier_out"
+class Layer:
+    """One block of units: the units of one module."""
+
+    name: str  # the module's name in the model
+    kind: str  # "conv_out", "linear_in" or "classifier_out" (the final Linear's outputs)
     size: int  # number of units
-    always_kept: bool = False
+    start: int  # index of the first unit in the state vector
+    always_kept: bool
+    module: nn.Module = field(repr=False, compare=False)
 
-    def kernels(self, module: nn.Module) -> torch.Tensor:
-        """The unit's weights, one row per unit: conv kernels flattened, or Linear weight columns."""
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+    def kernels(self) -> torch.Tensor:
+        """The units' weights, one row per unit: conv kernels flattened, or Linear weight columns."""
         if self.kind == "conv_out":
-            return module.weight.detach().flatten(1)
+            return self.module.weight.detach().flatten(1)
         if self.kind == "linear_in":
-            return module.weight.detach().t()
-        raise ValueError(f"{self.kind} units have no kernels")
+            return self.module.weight.detach().t()
+        raise ValueError(f"{self.name}: the classifier's outputs have no kernels of their own")
 
 
-def unit_layout(model: nn.Module) -> List[LayerUnits]:
-    """The blocks of units of ``model``, in module order (see the module docstring)."""
-    layers: List[LayerUnits] = []
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            layers.append(LayerUnits(name, "conv_out", module.out_channels))
-            last = module
-        elif isinstance(module, nn.Linear):
-            layers.append(LayerUnits(name, "linear_in", module.in_features))
-            last = module
-    if not layers:
+class PrunableUnits(Sequence):
+    """The layers of units of a model (a sequence of :class:`Layer`), D = ``num_units`` in all."""
+
+    def __init__(self, layers: List[Layer]):
+        self.layers = layers
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_units(self) -> int:
+        return self.layers[-1].stop if self.layers else 0
+
+    @property
+    def block_sizes(self) -> List[int]:
+        return [layer.size for layer in self.layers]
+
+    def always_kept(self, device=None) -> torch.Tensor:
+        """bool [D]: the units every state keeps (the classifier's outputs)."""
+        mask = torch.zeros(self.num_units, dtype=torch.bool, device=device)
+        for layer in self.layers:
+            if layer.always_kept:
+                mask[layer.start : layer.stop] = True
+        return mask
+
+    def summary(self, state: torch.Tensor = None) -> str:
+        """A table of the layers (and, given a state, the units each keeps)."""
+        rows = [f"{'layer':<28} {'kind':<15} {'units':>7} {'first':>7}" + (f" {'kept':>7}" if state is not None else "")]
+        for layer in self.layers:
+            row = f"{layer.name or '(output)':<28} {layer.kind:<15} {layer.size:>7} {layer.start:>7}"
+            if state is not None:
+                row += f" {int(state[layer.start:layer.stop].sum()):>7}"
+            rows.append(row)
+        rows.append(f"D = {self.num_units} units in {len(self.layers)} layers")
+        return "\n".join(rows)
+
+
+def prunable_units(model: nn.Module, exclude: Iterable[Union[str, nn.Module]] = ()) -> PrunableUnits:
+    """The units of ``model``: every Conv2d output channel and Linear input feature, in module order, one
+    block per layer, plus the classifier's outputs (always kept). Layers in ``exclude`` (module names or
+    modules) are left out: their units are not part of the state and are never dropped."""
+    excluded = set()
+    names = {id(m): n for n, m in model.named_modules()}
+    for item in exclude:
+        if isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise ValueError(f"exclude: {type(item).__name__} module is not part of the model")
+            excluded.add(names[id(item)])
+        else:
+            if item not in dict(model.named_modules()):
+                raise ValueError(f"exclude: no module named {item!r} in the model")
+            excluded.add(item)
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not found:
         raise ValueError("model has no Conv2d or Linear layer: it has no prunable units")
+    last_name, last = found[-1]
+    layers: List[Layer] = []
+    start = 0
+    for name, module in found:
+        if name in excluded:
+            continue
+        if isinstance(module, nn.Conv2d):
+            layers.append(Layer(name, "conv_out", module.out_channels, start, module is last, module))
+        else:
+            layers.append(Layer(name, "linear_in", module.in_features, start, False, module))
+        start += layers[-1].size
     if isinstance(last, nn.Linear):
-        layers.append(LayerUnits("", "classifier_out", last.out_features, always_kept=True))
-    return layers
+        layers.append(Layer(last_name, "classifier_out", last.out_features, start, True, last))
+    return PrunableUnits(layers)
