@@ -3,8 +3,12 @@
 import torch  # noqa: F401  (loads libtorch, which the kernels link against)
 
 from . import _C  # noqa: F401  (registers the torch.ops.edropout kernels)
-from . import ops, reference
+from . import energies, ops, reference
+from .controller import EDropout
+from .energies import EnergyLoss, IsingEnergy
+from .slim import slim
 from .units import Layer, PrunableUnits, prunable_units
 
-__all__ = ["ops", "reference", "prunable_units", "PrunableUnits", "Layer"]
+__all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "energies", "ops", "reference", "prunable_units",
+           "PrunableUnits", "Layer", "slim"]
 __version__ = "0.1.0"

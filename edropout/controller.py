@@ -1,0 +1,238 @@
+"""The EDropout controller: the one object a training loop touches.
+
+    ed = edropout.EDropout(model)                 # units, masks, population, Ising energy
+    for inputs, targets in loader:
+        loss = F.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        ed.step(inputs, targets)                  # evolve, score, select, apply the best state
+    ed.end_epoch()                                # once per epoch: early state convergence
+
+Each step evolves the population by binary differential evolution (``ops.evolve``), scores the trials,
+keeps each trial that beats its parent (``ops.select``) and applies the best state to the model as a
+dropout mask. With the Ising energy, whose value only changes when its terms are refreshed, the three run
+fused in one op (``ops.evolve_step``). From epoch ``freeze_after`` on, once the best state has not changed
+for ``patience`` steps, it is frozen: dropout has become pruning.
+
+Dropped units' weights are kept and get zero gradient from the loss; the optimiser's weight decay still
+shrinks them (and momentum keeps moving them for a while), as for any parameter without gradient, so a
+unit that comes back after a long absence starts from smaller weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .energies import Energy, IsingEnergy
+from .graph import conv_batchnorm_pairs
+from .masks import UnitMasks
+from .slim import keep_of_state, slim
+from .slim import kept_parameters as slim_kept_parameters
+from .units import prunable_units
+
+__all__ = ["EDropout"]
+
+
+class EDropout:
+    """EDropout over the prunable units of ``model`` (see :func:`edropout.prunable_units`).
+
+    Args:
+        model: any module; its parameters' device is where the population lives.
+        energy: an :class:`~edropout.energies.Energy` (default: ``IsingEnergy()``).
+        population: K candidate states (at least 4).
+        p_init: probability that a unit is kept in the initial states (the seed: 0.5).
+        mutation, crossover: the evolution's probabilities (see ``ops.evolve``).
+        keep_rate: a fraction of the prunable units to keep, or None to follow the energy alone. The
+            initial states and every trial then keep exactly that many prunable units (rounded): a state
+            with too many (too few) has randomly chosen kept (dropped) units flipped before it is scored,
+            so the energy decides which units, the constraint how many.
+        freeze_after: the epoch (counted by :meth:`end_epoch`) from which the state may freeze; None never.
+        patience: steps without a change of the best state after which it freezes.
+        seed: the initial states' and the evolution's random seed.
+        exclude: layers (names or modules) whose units are never dropped and not part of the state.
+    """
+
+    def __init__(self, model: nn.Module, energy: Optional[Energy] = None, population: int = 8,
+                 p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
+                 keep_rate: Optional[float] = None, freeze_after: Optional[int] = 100, patience: int = 100,
+                 seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = ()):
+        if population < 4:
+            raise ValueError(f"population must be at least 4 candidate states, got {population}")
+        for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if keep_rate is not None and not 0.0 < keep_rate <= 1.0:
+            raise ValueError(f"keep_rate must be a fraction in (0, 1] or None, got {keep_rate}")
+        if patience < 1:
+            raise ValueError(f"patience must be a positive number of steps, got {patience}")
+        if energy is not None and not isinstance(energy, Energy):
+            raise ValueError(f"energy must be an edropout.energies.Energy, got {type(energy).__name__}")
+
+        self.model = model
+        self.units = prunable_units(model, exclude)
+        self.masks = UnitMasks(model, self.units, conv_batchnorm_pairs(model))
+        self.masks.collect = True
+        device = self.masks.mask.device
+        self.always_kept = self.units.always_kept(device)
+        self.prunable = (~self.always_kept).float()
+        self.mutation, self.crossover, self.seed = float(mutation), float(crossover), int(seed)
+        self.keep_rate = keep_rate
+        self.freeze_after, self.patience = freeze_after, int(patience)
+
+        generator = torch.Generator().manual_seed(self.seed)
+        states = torch.rand(population, self.units.num_units, generator=generator) < p_init
+        self.population = self._repair((states | self.always_kept.cpu()).to(torch.uint8).to(device), -1)
+        self.energy = energy if energy is not None else IsingEnergy()
+        self.energy.attach(self)
+        self.energies: Optional[Tensor] = None  # of the population, scored at the first step
+        self.best = torch.zeros((), dtype=torch.long, device=device)
+        self.unchanged = torch.zeros((), dtype=torch.long, device=device)  # steps the best state stayed
+        self.steps = 0
+        self.epoch = 0
+        self.frozen = False
+
+    # -- the training loop's calls ------------------------------------------------------------------
+    def step(self, inputs: Optional[Tensor] = None, targets: Optional[Tensor] = None) -> None:
+        """One generation: evolve, score, select, and apply the best state. Pass the batch when the
+        energy needs it (the energy loss). Does nothing once the state is frozen."""
+        if self.frozen:
+            return
+        batch = None if inputs is None else (inputs, targets)
+        if self.energy.depends_on_batch and (inputs is None or targets is None):
+            raise ValueError("step: this energy scores states on the batch; call step(inputs, targets)")
+        with torch.no_grad():
+            self._refresh_if_due()
+            K = self.population.shape[0]
+            if self.energy.depends_on_batch:
+                trials = self._repair(ops.evolve(self.population, self.seed, self.steps, self.mutation,
+                                                 self.crossover, self.always_kept), self.steps)
+                scores = self.energy(torch.cat([self.population, trials]), batch)
+                result = ops.select(self.population, scores[:K], trials, scores[K:])
+            elif type(self.energy) is IsingEnergy and self.keep_rate is None:
+                result = ops.evolve_step(self.population, self.energies, self.energy.field, self.energy.couplings,
+                                         self.seed, self.steps, self.mutation, self.crossover, self.always_kept)
+            else:
+                trials = self._repair(ops.evolve(self.population, self.seed, self.steps, self.mutation,
+                                                 self.crossover, self.always_kept), self.steps)
+                result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
+            self.population, self.energies, best = result
+            self._apply(best)
+        self.steps += 1
+        if self.freeze_after is not None and self.epoch >= self.freeze_after and self.steps % 10 == 0:
+            if int(self.unchanged) >= self.patience:
+                self.freeze()
+
+    def end_epoch(self) -> None:
+        """Count an epoch (for ``freeze_after``)."""
+        self.epoch += 1
+
+    def freeze(self) -> None:
+        """Freeze the best state: from now on the model is pruned to it and ``step`` does nothing."""
+        self.frozen = True
+        self.masks.collect = False
+
+    # -- reading the state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> Tensor:
+        """The applied state, uint8 [D] (1 = keep)."""
+        return self.masks.mask.to(torch.uint8)
+
+    def stats(self) -> Dict[str, float]:
+        """Best and mean population energy, the kept fraction of the prunable units, step, frozen."""
+        energies = self.energies if self.energies is not None else torch.full((1,), float("nan"))
+        kept = float((self.masks.mask * self.prunable).sum() / self.prunable.sum().clamp_min(1))
+        return {"best_energy": float(energies.nan_to_num(float("inf")).min()), "mean_energy": float(energies.mean()),
+                "kept": kept, "step": self.steps, "frozen": self.frozen}
+
+    def kept_parameters(self) -> Tuple[float, int]:
+        """(R, #p): the percentage and the number of trainable parameters that still act with the applied
+        state: those of :meth:`slim`'s network, less the parameters it zeroes to mask dropped units it
+        cannot remove (see :func:`edropout.slim.kept_parameters`)."""
+        total = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        kept = slim_kept_parameters(self.model, keep_of_state(self.units, self.state))
+        return 100.0 * kept / total, kept
+
+    def slim(self) -> nn.Module:
+        """A physically smaller copy of the model with the applied state (:func:`edropout.slim.slim`)."""
+        return slim(self.model, self.state, self.units)
+
+    @contextlib.contextmanager
+    def full(self):
+        """Within the context the model runs with every unit (EDropout(F))."""
+        previous, self.masks.enabled = self.masks.enabled, False
+        try:
+            yield self.model
+        finally:
+            self.masks.enabled = previous
+
+    @contextlib.contextmanager
+    def pruned(self):
+        """Within the context the model runs with the applied (best or frozen) state (EDropout(P))."""
+        previous, self.masks.enabled = self.masks.enabled, True
+        try:
+            yield self.model
+        finally:
+            self.masks.enabled = previous
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"population": self.population, "energies": self.energies, "best": self.best,
+                "unchanged": self.unchanged, "mask": self.masks.mask, "activity": self.masks.activity, "steps": self.steps, "epoch": self.epoch, "frozen": self.frozen,
+                "seed": self.seed, "energy": self.energy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["population"].shape != self.population.shape:
+            raise ValueError(f"state_dict: population of shape {tuple(state['population'].shape)} does not fit "
+                             f"this controller's {tuple(self.population.shape)} (K, D)")
+        device = self.population.device
+        self.population = state["population"].to(device)
+        self.energies = None if state["energies"] is None else state["energies"].to(device)
+        self.best, self.unchanged = state["best"].to(device), state["unchanged"].to(device)
+        self.masks.mask.copy_(state["mask"])
+        self.masks.activity.copy_(state["activity"])
+        self.steps, self.epoch = state["steps"], state["epoch"]
+        self.frozen, self.seed = state["frozen"], state["seed"]
+        self.masks.collect = not self.frozen
+        self.energy.load_state_dict(state["energy"])
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _repair(self, states: Tensor, step: int) -> Tensor:
+        """With a keep_rate, flip randomly chosen prunable units of each state until it keeps exactly
+        round(keep_rate * prunable units); the choice is keyed by (seed, step)."""
+        if self.keep_rate is None:
+            return states
+        prunable = self.prunable.bool()
+        target = round(self.keep_rate * int(prunable.sum()))
+        kept = states.bool()
+        excess = (kept & prunable).sum(dim=1, keepdim=True) - target  # > 0: drop some; < 0: keep some
+        pool = torch.where(excess > 0, kept, ~kept) & prunable
+        generator = torch.Generator(states.device).manual_seed(hash((self.seed, step)) & (2**63 - 1))
+        order = torch.randperm(states.shape[1], generator=generator, device=states.device)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        # in the random order, the first |excess| units of each state's pool flip
+        position = pool[:, order].cumsum(dim=1)[:, rank]
+        flip = pool & (position <= excess.abs())
+        return states ^ flip.to(states.dtype)
+
+    def _refresh_if_due(self) -> None:
+        period = self.energy.refresh_every
+        first = self.energies is None
+        if first or (period is not None and self.steps % period == 0):
+            self.energy.refresh()
+            if not self.energy.depends_on_batch:
+                self.energies = self.energy(self.population, None)
+                if first:
+                    self._apply(torch.argmin(self.energies.nan_to_num(float("inf"))))
+
+    def _apply(self, best: Tensor) -> None:
+        best = best.clamp_min(0)  # -1 only when every energy is NaN
+        state = self.population.index_select(0, best.view(1))[0].to(self.masks.mask.dtype)
+        changed = (state != self.masks.mask).any()
+        self.unchanged = torch.where(changed, torch.zeros_like(self.unchanged), self.unchanged + 1)
+        self.masks.mask.copy_(state)
+        self.best = best

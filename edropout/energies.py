@@ -1,0 +1,178 @@
+"""Energies: how candidate states are scored (lower is better). Swappable objects behind one small
+interface, :class:`Energy`; sums and multiples of energies are energies (``0.1 * IsingEnergy() + EnergyLoss()``).
+
+Ising energy (the default). With σ = 2s − 1 over the units of the state,
+
+    E(σ) = −Σ_i h_i σ_i − ½ Σ_l Σ_{i≠j in layer l} J_ij σ_i σ_j,
+
+    h_i  = α (a_i / ā_l − 1)                  fields: a_i is unit i's activity, the running mean of
+                                              mean |output| over recent training batches (collected by
+                                              the training forward itself), ā_l its mean over layer l;
+    J_ij = −β ŵ_i · ŵ_j                       couplings: ŵ_i = w_i / ‖w_i‖, unit i's kernel (a conv
+                                              output channel's weights, a Linear input's weight column).
+
+So units more active than their layer's average want to be kept, and keeping two units with similar
+kernels costs 2β cos(w_i, w_j) (a redundant pair ends with one of the two). The classifier's outputs, always
+kept, have no terms. Fields and couplings are refreshed every ``refresh_every`` steps, since weights move
+slowly; in between, the energy of a state does not change, so the population's energies stay valid and the
+controller runs the fused kernel (``ops.evolve_step``). Couplings are stored per layer the cheaper way: a
+dense n×n block, or the factor √β Ŵ (n×r, r the kernel size) where r < n.
+
+Energy loss (the released research code's score): for each candidate, the mean over a (sub-)batch of
+max_{j≠y} z_j − z_y, z the logits of the network with the candidate's mask, all candidates in one batched
+forward with BatchNorm's running statistics (so no candidate's score depends on the others sharing the
+batch). It depends on the batch, so the controller scores the population and the trials together on the
+same batch at every step.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["Energy", "IsingEnergy", "EnergyLoss", "WeightedSum"]
+
+Batch = Optional[Tuple[Tensor, Tensor]]
+
+
+class Energy:
+    """Scores states: ``energy(states, batch) -> float32 [M]`` for uint8 states ``[M, D]``; lower is better.
+
+    ``attach(controller)`` is called once, when the controller is built (to reach its model, units and
+    masks); ``refresh()`` every ``refresh_every`` steps (for terms that follow the weights). An energy whose
+    value depends on the batch sets ``depends_on_batch = True``.
+    """
+
+    depends_on_batch = False
+    refresh_every: Optional[int] = None
+
+    def attach(self, controller) -> None:
+        self.controller = controller
+
+    def refresh(self) -> None:
+        pass
+
+    def __call__(self, states: Tensor, batch: Batch = None) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __add__(self, other: "Energy") -> "WeightedSum":
+        return WeightedSum([(1.0, self), (1.0, other)])
+
+    def __rmul__(self, weight: float) -> "WeightedSum":
+        return WeightedSum([(float(weight), self)])
+
+
+class WeightedSum(Energy):
+    """Σ_t w_t E_t."""
+
+    def __init__(self, terms: Sequence[Tuple[float, Energy]]):
+        self.terms: List[Tuple[float, Energy]] = []
+        for weight, energy in terms:
+            inner = energy.terms if isinstance(energy, WeightedSum) else [(1.0, energy)]
+            self.terms += [(weight * w, e) for w, e in inner]
+        self.depends_on_batch = any(e.depends_on_batch for _, e in self.terms)
+        periods = [e.refresh_every for _, e in self.terms if e.refresh_every]
+        self.refresh_every = min(periods) if periods else None
+
+    def attach(self, controller) -> None:
+        super().attach(controller)
+        for _, energy in self.terms:
+            energy.attach(controller)
+
+    def refresh(self) -> None:
+        for _, energy in self.terms:
+            energy.refresh()
+
+    def __call__(self, states, batch=None):
+        return sum(weight * energy(states, batch) for weight, energy in self.terms)
+
+    def state_dict(self):
+        return {str(i): energy.state_dict() for i, (_, energy) in enumerate(self.terms)}
+
+    def load_state_dict(self, state):
+        for i, (_, energy) in enumerate(self.terms):
+            energy.load_state_dict(state[str(i)])
+
+
+class IsingEnergy(Energy):
+    """The Ising energy of the module docstring, evaluated by ``ops.ising_energy``."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, refresh_every: int = 100):
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be a positive number of steps, got {refresh_every}")
+        self.alpha, self.beta, self.refresh_every = float(alpha), float(beta), int(refresh_every)
+        self.field: Optional[Tensor] = None
+        self.couplings: Optional[ops.Couplings] = None
+
+    def refresh(self) -> None:
+        ctl = self.controller
+        activity = ctl.masks.activity
+        field = torch.zeros_like(activity)
+        blocks = []
+        for layer in ctl.units:
+            n = layer.size
+            if layer.always_kept:
+                blocks.append(ops.Factored(activity.new_zeros(n, 1)))
+                continue
+            a = activity[layer.start : layer.stop]
+            mean = a.mean()
+            field[layer.start : layer.stop] = self.alpha * torch.where(mean > 0, a / mean - 1, torch.zeros_like(a))
+            w = layer.kernels().float()
+            w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if w.shape[1] < n:
+                blocks.append(ops.Factored(w * self.beta**0.5))
+            else:
+                blocks.append(-self.beta * (w @ w.t()))
+        self.field = field
+        self.couplings = ops.Couplings.from_blocks(blocks)
+
+    def __call__(self, states, batch=None):
+        return ops.ising_energy(states, self.field, self.couplings)
+
+    def state_dict(self):
+        return {"field": self.field, "couplings": self.couplings}
+
+    def load_state_dict(self, state):
+        self.field, self.couplings = state["field"], state["couplings"]
+
+
+class EnergyLoss(Energy):
+    """The energy loss of the module docstring, on the first ``subbatch`` samples of the batch (all when
+    None): a batched forward of M × subbatch samples for M states."""
+
+    depends_on_batch = True
+
+    def __init__(self, subbatch: Optional[int] = 32):
+        if subbatch is not None and subbatch < 1:
+            raise ValueError(f"subbatch must be a positive number of samples or None, got {subbatch}")
+        self.subbatch = subbatch
+
+    def __call__(self, states, batch=None):
+        if batch is None:
+            raise ValueError("EnergyLoss needs the batch: call controller.step(inputs, targets)")
+        inputs, targets = batch
+        if self.subbatch is not None:
+            inputs, targets = inputs[: self.subbatch], targets[: self.subbatch]
+        M, B = states.shape[0], inputs.shape[0]
+        model = self.controller.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.controller.masks.candidates(states):
+                logits = model(inputs.repeat(M, *[1] * (inputs.dim() - 1))).float().view(M, B, -1)
+        finally:
+            model.train(was_training)
+        index = targets.view(1, B, 1).expand(M, B, 1)
+        true = logits.gather(2, index)
+        others = logits.scatter(2, index, float("-inf")).amax(dim=2, keepdim=True)
+        return (others - true).squeeze(2).mean(dim=1)

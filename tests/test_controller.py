@@ -1,0 +1,231 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edropout
+import edropout.models
+from edropout import EDropout
+from edropout.energies import EnergyLoss, IsingEnergy
+
+
+class SmallCNN(nn.Module):
+    """A user's network: grouped convs, BatchNorm, a Linear head."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.fc1 = nn.Linear(12 * 4 * 4, 16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.head(F.relu(self.fc1(x.flatten(1))))
+
+
+def data(gen, n=16, classes=5):
+    return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def train_steps(model, ed, gen, steps, optimizer=None, record=None):
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        x, y = data(gen)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ed.step(x, y)
+        if record is not None:
+            record.append((ed.state.clone(), ed.energies.clone()))
+    return optimizer
+
+
+def random_state(ed, gen):
+    state = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept
+    return state.to(torch.uint8)
+
+
+def test_user_module_works_unchanged(gen):
+    model = SmallCNN()
+    ed = EDropout(model, seed=1)
+    assert ed.units.num_units == 8 + 12 + 192 + 16 + 5
+    train_steps(model, ed, gen, 5)
+    stats = ed.stats()
+    assert stats["step"] == 5 and 0 < stats["kept"] < 1 and stats["best_energy"] <= stats["mean_energy"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dropped_channels_are_exactly_zero_after_batchnorm(gen, train):
+    model = SmallCNN().train(train)
+    ed = EDropout(model)
+    seen = {}
+    model.bn1.register_forward_hook(lambda m, i, o: seen.__setitem__("bn1", o))  # runs after the mask
+    model.fc1.register_forward_pre_hook(lambda m, i: seen.__setitem__("fc1", i[0]))
+    with torch.no_grad():
+        model.bn1.bias.uniform_(1, 2)  # a bias that the old masking of conv weights would leak
+        model.bn1.running_mean.uniform_(-1, 1)
+    state = random_state(ed, gen)
+    ed.masks.mask.copy_(state)
+    model(data(gen)[0])
+    dropped = state[:8] == 0
+    assert dropped.any() and (seen["bn1"][:, dropped] == 0).all()
+    assert (seen["bn1"][:, ~dropped] != 0).any()
+    fc1_dropped = state[20:212] == 0
+    assert (seen["fc1"][:, fc1_dropped] == 0).all()
+
+
+def test_dropped_units_get_zero_gradient(gen):
+    model = SmallCNN()
+    ed = EDropout(model)
+    state = random_state(ed, gen)
+    ed.masks.mask.copy_(state)
+    x, y = data(gen)
+    F.cross_entropy(model(x), y).backward()
+    drop1, drop2, drop_fc = state[:8] == 0, state[8:20] == 0, state[20:212] == 0
+    assert (model.conv1.weight.grad[drop1] == 0).all() and (model.conv1.bias.grad[drop1] == 0).all()
+    assert (model.bn1.weight.grad[drop1] == 0).all() and (model.bn1.bias.grad[drop1] == 0).all()
+    assert (model.conv2.weight.grad[drop2] == 0).all() and (model.bn2.bias.grad[drop2] == 0).all()
+    assert (model.fc1.weight.grad[:, drop_fc] == 0).all()
+    assert (model.conv1.weight.grad[~drop1] != 0).any() and (model.fc1.weight.grad[:, ~drop_fc] != 0).any()
+    # weights of dropped units are kept, not zeroed
+    assert (model.conv1.weight[drop1] != 0).any()
+
+
+def test_batched_candidates_equal_separate_forwards(gen):
+    model = SmallCNN().eval()
+    ed = EDropout(model)
+    states = torch.stack([random_state(ed, gen) for _ in range(6)])
+    x = data(gen, n=4)[0]
+    with torch.no_grad():
+        with ed.masks.candidates(states):
+            batched = model(x.repeat(6, 1, 1, 1)).view(6, 4, -1)
+        for k in range(6):
+            ed.masks.mask.copy_(states[k])
+            torch.testing.assert_close(batched[k], model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_reproduces_the_next_steps(gen):
+    model = SmallCNN()
+    ed = EDropout(model, energy=IsingEnergy(refresh_every=4), seed=3)
+    optimizer = train_steps(model, ed, gen, 6)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    saved = copy.deepcopy(ed.state_dict())
+    rng = gen.get_state()
+    first = []
+    train_steps(model, ed, gen, 10, optimizer, first)
+
+    model2 = SmallCNN()
+    model2.load_state_dict(saved_model)
+    ed2 = EDropout(model2, energy=IsingEnergy(refresh_every=4), seed=99)
+    ed2.load_state_dict(saved)
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    optimizer2.load_state_dict(saved_opt)
+    gen.set_state(rng)
+    second = []
+    train_steps(model2, ed2, gen, 10, optimizer2, second)
+    for (s1, e1), (s2, e2) in zip(first, second):
+        assert torch.equal(s1, s2) and torch.equal(e1, e2)
+
+
+def test_dead_kernel_dropped_and_duplicate_pair_keeps_one(gen):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    # kernel 0 dead, kernels 1 and 2 identical, the others orthogonal to them and to each other
+    q, _ = torch.linalg.qr(torch.randn(27, 27, generator=gen))
+    kernels = torch.stack([torch.zeros(27), q[:, 0], q[:, 0], q[:, 1], q[:, 2], q[:, 3]])
+    with torch.no_grad():
+        model[0].weight.copy_(kernels.view(6, 3, 3, 3))
+        model[0].bias.zero_()
+    # 16 candidates: with 8 and only 15 units the population can agree on a bit before finding its best
+    ed = EDropout(model, energy=IsingEnergy(beta=2.0, refresh_every=5), population=16, seed=5)
+    for _ in range(150):
+        model(torch.randn(8, 3, 8, 8, generator=gen))
+        ed.step()
+    state = ed.state
+    assert state[0] == 0, "the dead kernel is kept"
+    assert int(state[1]) + int(state[2]) == 1, "the duplicate kernels are not one kept, one dropped"
+
+
+def test_keep_rate_is_reached(gen):
+    model = SmallCNN()
+    ed = EDropout(model, keep_rate=0.3, seed=2)
+    train_steps(model, ed, gen, 300)
+    assert abs(ed.stats()["kept"] - 0.3) <= 0.02, ed.stats()
+
+
+def test_freezes_after_patience_and_contexts(gen):
+    model = SmallCNN()
+    ed = EDropout(model, freeze_after=1, patience=20)
+    train_steps(model, ed, gen, 30)
+    assert not ed.frozen  # not before epoch freeze_after
+    ed.end_epoch()
+    for _ in range(40):
+        train_steps(model, ed, gen, 10)
+        if ed.frozen:
+            break
+    assert ed.frozen and int(ed.unchanged) >= 20
+    state = ed.state.clone()
+    train_steps(model, ed, gen, 3)
+    assert torch.equal(ed.state, state)
+    x = data(gen)[0]
+    model.eval()
+    with torch.no_grad():
+        with ed.full():
+            full = model(x)
+        with ed.pruned():
+            pruned = model(x)
+        ed.masks.remove()
+        plain = model(x)
+    torch.testing.assert_close(full, plain)
+    assert not torch.allclose(pruned, plain)
+    R, p = ed.kept_parameters()
+    total = sum(q.numel() for q in model.parameters())
+    assert 0 < p < total and R == pytest.approx(100 * p / total)
+
+
+def test_energy_loss_and_weighted_sum(gen):
+    model = SmallCNN()
+    ed = EDropout(model, energy=EnergyLoss(subbatch=8), seed=4)
+    train_steps(model, ed, gen, 4)
+    assert ed.energies.shape == (8,) and torch.isfinite(ed.energies).all()
+    with pytest.raises(ValueError, match="step\\(inputs, targets\\)"):
+        ed.step()
+    model2 = SmallCNN()
+    ed2 = EDropout(model2, energy=0.5 * IsingEnergy() + EnergyLoss(subbatch=8))
+    train_steps(model2, ed2, gen, 4)
+    assert ed2.stats()["step"] == 4
+
+
+def test_bad_arguments():
+    model = SmallCNN()
+    for kwargs, word in [({"population": 3}, "population"), ({"p_init": 1.5}, "p_init"),
+                         ({"keep_rate": 0.0}, "keep_rate"), ({"energy": "ising"}, "energy"),
+                         ({"patience": 0}, "patience")]:
+        with pytest.raises(ValueError, match=word):
+            EDropout(model, **kwargs)
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 32), ("alexnet", 224), ("squeezenet1_1", 224)])
+def test_slim_equals_the_masked_model_and_kept_parameters(gen, name, size):
+    model = edropout.models.build(name, 3, 10)
+    ed = EDropout(model, seed=7)
+    ed.masks.mask.copy_(random_state(ed, gen))
+    model.eval()
+    x = torch.randn(2, 3, size, size, generator=gen)
+    small = ed.slim()
+    with torch.no_grad():
+        masked, slimmed = model(x), small(x)
+    torch.testing.assert_close(slimmed, masked, rtol=1e-5, atol=1e-5 * float(masked.abs().max()))
+    R, kept = ed.kept_parameters()
+    slim_count = sum(p.numel() for p in small.parameters())
+    assert kept <= slim_count < sum(p.numel() for p in model.parameters())
+    if name != "resnet18":  # every dropped unit is removable: the slim model is exactly what is kept
+        assert kept == slim_count
+    else:  # channels joining residual sums are masked, not removed
+        assert kept < slim_count
