@@ -52,18 +52,42 @@ def random_state(ed, gen):
     return state.to(torch.uint8)
 
 
-def test_user_module_works_unchanged(gen):
-    model = SmallCNN()
+def test_user_module_works_unchanged(gen, device):
+    model = SmallCNN().to(device)
     ed = EDropout(model, seed=1)
-    assert ed.units.num_units == 8 + 12 + 192 + 16 + 5
-    train_steps(model, ed, gen, 5)
+    assert ed.units.num_units == 8 + 12 + 192 + 16 + 5 and ed.population.device.type == device
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(5):
+        x, y = (t.to(device) for t in data(gen))
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ed.step(x, y)
     stats = ed.stats()
     assert stats["step"] == 5 and 0 < stats["kept"] < 1 and stats["best_energy"] <= stats["mean_energy"]
+    assert torch.equal(ed.state, ed.population[ed.best])
+
+
+class KeptUnits(edropout.energies.Energy):
+    """A user's energy: the number of kept units (so the search drops everything it may)."""
+
+    def __call__(self, states, batch=None):
+        return states.float().sum(dim=1)
+
+
+def test_user_written_energy(gen):
+    model = SmallCNN()
+    ed = EDropout(model, energy=KeptUnits(), seed=2)
+    initially = float(ed.population.float().sum(dim=1).min())
+    train_steps(model, ed, gen, 60)
+    assert float(ed.energies[ed.best]) == float(ed.state.sum()) < initially - 10
+    assert ed.state[ed.always_kept].all()
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_dropped_channels_are_exactly_zero_after_batchnorm(gen, train):
-    model = SmallCNN().train(train)
+def test_dropped_channels_are_exactly_zero_after_batchnorm(gen, train, device):
+    model = SmallCNN().to(device).train(train)
     ed = EDropout(model)
     seen = {}
     model.bn1.register_forward_hook(lambda m, i, o: seen.__setitem__("bn1", o))  # runs after the mask
@@ -71,9 +95,9 @@ def test_dropped_channels_are_exactly_zero_after_batchnorm(gen, train):
     with torch.no_grad():
         model.bn1.bias.uniform_(1, 2)  # a bias that the old masking of conv weights would leak
         model.bn1.running_mean.uniform_(-1, 1)
-    state = random_state(ed, gen)
+    state = random_state(ed, gen).to(device)
     ed.masks.mask.copy_(state)
-    model(data(gen)[0])
+    model(data(gen)[0].to(device))
     dropped = state[:8] == 0
     assert dropped.any() and (seen["bn1"][:, dropped] == 0).all()
     assert (seen["bn1"][:, ~dropped] != 0).any()
@@ -98,11 +122,11 @@ def test_dropped_units_get_zero_gradient(gen):
     assert (model.conv1.weight[drop1] != 0).any()
 
 
-def test_batched_candidates_equal_separate_forwards(gen):
-    model = SmallCNN().eval()
+def test_batched_candidates_equal_separate_forwards(gen, device):
+    model = SmallCNN().to(device).eval()
     ed = EDropout(model)
-    states = torch.stack([random_state(ed, gen) for _ in range(6)])
-    x = data(gen, n=4)[0]
+    states = torch.stack([random_state(ed, gen) for _ in range(6)]).to(device)
+    x = data(gen, n=4)[0].to(device)
     with torch.no_grad():
         with ed.masks.candidates(states):
             batched = model(x.repeat(6, 1, 1, 1)).view(6, 4, -1)
