@@ -160,19 +160,17 @@ class EDropout:
         """A physically smaller copy of the model with the applied state (:func:`edropout.slim.slim`)."""
         return slim(self.model, self.state, self.units)
 
-    @contextlib.contextmanager
     def full(self):
-        """Within the context the model runs with every unit (EDropout(F))."""
-        previous, self.masks.enabled = self.masks.enabled, False
-        try:
-            yield self.model
-        finally:
-            self.masks.enabled = previous
+        """A context within which the model runs with every unit (EDropout(F))."""
+        return self._masking(False)
+
+    def pruned(self):
+        """A context within which the model runs with the applied (best or frozen) state (EDropout(P))."""
+        return self._masking(True)
 
     @contextlib.contextmanager
-    def pruned(self):
-        """Within the context the model runs with the applied (best or frozen) state (EDropout(P))."""
-        previous, self.masks.enabled = self.masks.enabled, True
+    def _masking(self, enabled: bool):
+        previous, self.masks.enabled = self.masks.enabled, enabled
         try:
             yield self.model
         finally:

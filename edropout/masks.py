@@ -27,8 +27,8 @@ __all__ = ["UnitMasks"]
 
 class UnitMasks:
     """The mask hooks of one model. ``mask`` (float [D], 1 = keep) is the applied state: copy a new state
-    into it to apply it. ``activity`` is the running mean of each unit's mean |output|, updated while
-    ``collect`` is on (momentum ``momentum``)."""
+    into it to apply it. ``activity`` is the running mean of each unit's mean |output|, updated by
+    training-mode forwards while ``collect`` is on (momentum ``momentum``)."""
 
     def __init__(self, model: nn.Module, units: PrunableUnits, batchnorm_after: Dict[str, str],
                  momentum: float = 0.1):
@@ -79,7 +79,7 @@ class UnitMasks:
         self.activity[start:stop].lerp_(values.to(self.activity.dtype), self.momentum)
 
     def _after(self, start, stop, module, inputs, output):
-        if self.collect and self._candidates is None:
+        if self.collect and module.training and self._candidates is None:
             self._record(start, stop, output.detach().abs().transpose(0, 1).reshape(stop - start, -1).mean(1))
         if not self.enabled:
             return output
@@ -87,7 +87,7 @@ class UnitMasks:
 
     def _before(self, start, stop, module, args):
         x = args[0]
-        if self.collect and self._candidates is None:
+        if self.collect and module.training and self._candidates is None:
             self._record(start, stop, x.detach().abs().reshape(-1, stop - start).mean(0))
         if not self.enabled:
             return None
