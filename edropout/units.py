@@ -5,9 +5,11 @@ The classifier's outputs are units that are always kept (the seed's "output laye
 outputs of the last ``Linear`` when the network ends in one (an extra block), or the output channels of
 the last ``Conv2d`` when that is the classifier (SqueezeNet). With 102 classes this gives D = 3046
 (SqueezeNet 1.1), 5414 (ResNet-18), 9126 (ResNet-34), 18662 (AlexNet), 28710 (ResNet-50) and 54822
-(ResNet-101). The seed's published counts differ for the ResNets (6208, 9920, 32448, 58560) because its
-count also included the BatchNorm channels of the downsample branches; those are not separate units here:
-a downsample convolution's output channels are units, and its BatchNorm channel goes with each.
+(ResNet-101). The seed's published counts differ for four of them: for the ResNets (6208, 9920, 32448,
+58560) it also counted the downsample branches' BatchNorm channels (896 for ResNet-18/34, 3840 for
+ResNet-50/101) and did not count the classifier's 102 outputs; those BatchNorm channels are not units of
+their own here (a downsample convolution's channels are units, and its BatchNorm goes with each). Its
+SqueezeNet count (3558) is 512 more than ours, the classifier convolution's input channels.
 """
 
 from __future__ import annotations
