@@ -82,6 +82,7 @@ class EDropout:
         self.mutation, self.crossover, self.seed = float(mutation), float(crossover), int(seed)
         self.keep_rate = keep_rate
         self.freeze_after, self.patience = freeze_after, int(patience)
+        self.activity_every = 10  # training forwards between two samples of the units' activity
 
         generator = torch.Generator().manual_seed(self.seed)
         states = torch.rand(population, self.units.num_units, generator=generator) < p_init
@@ -122,6 +123,7 @@ class EDropout:
             self.population, self.energies, best = result
             self._apply(best)
         self.steps += 1
+        self.masks.collect = self.steps % self.activity_every == 0  # sample the activity of the next forward
         if self.freeze_after is not None and self.epoch >= self.freeze_after and self.steps % 10 == 0:
             if int(self.unchanged) >= self.patience:
                 self.freeze()
@@ -194,7 +196,7 @@ class EDropout:
         self.masks.activity.copy_(state["activity"])
         self.steps, self.epoch = state["steps"], state["epoch"]
         self.frozen, self.seed = state["frozen"], state["seed"]
-        self.masks.collect = not self.frozen
+        self.masks.collect = not self.frozen and self.steps % self.activity_every == 0
         self.energy.load_state_dict(state["energy"])
 
     # -- internals --------------------------------------------------------------------------------------

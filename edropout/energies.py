@@ -6,8 +6,8 @@ Ising energy (the default). With σ = 2s − 1 over the units of the state,
     E(σ) = −Σ_i h_i σ_i − ½ Σ_l Σ_{i≠j in layer l} J_ij σ_i σ_j,
 
     h_i  = α (a_i / ā_l − 1)                  fields: a_i is unit i's activity, the running mean of
-                                              mean |output| over recent training batches (collected by
-                                              the training forward itself), ā_l its mean over layer l;
+                                              mean |output| over recent training batches (sampled by
+                                              every 10th training forward itself), ā_l its layer's mean;
     J_ij = −β ŵ_i · ŵ_j                       couplings: ŵ_i = w_i / ‖w_i‖, unit i's kernel (a conv
                                               output channel's weights, a Linear input's weight column).
 

@@ -69,11 +69,14 @@ class UnitMasks:
     def _apply(self, x: torch.Tensor, start: int, stop: int, channel_dim: int) -> torch.Tensor:
         shape = [1] * x.dim()
         shape[channel_dim] = stop - start
+        masks = self.mask if self._candidates is None else self._candidates
+        masks = masks[..., start:stop]
+        if masks.dtype != x.dtype:
+            masks = masks.to(x.dtype)
         if self._candidates is not None:
-            K = self._candidates.shape[0]
-            masks = self._candidates[:, start:stop].to(x.dtype)
+            K = masks.shape[0]
             return (x.view(K, -1, *x.shape[1:]) * masks.view(K, *shape)).view_as(x)
-        return x * self.mask[start:stop].to(x.dtype).view(shape)
+        return x * masks.view(shape)
 
     def _record(self, start: int, stop: int, values: torch.Tensor) -> None:
         self.activity[start:stop].lerp_(values.to(self.activity.dtype), self.momentum)

@@ -1,0 +1,192 @@
+"""EDropout's cost per training iteration, against the original network's, for the six networks.
+
+The seed's NumPy proof of concept was 1.33x to 28.97x slower than plain training (one RTX GPU, Flowers,
+8 candidate states); this prints the same table for this implementation on this device, beside the
+seed's figures. One training iteration = forward, backward and optimiser step (Adadelta, the seed's), and
+for EDropout everything it adds: masking, activity statistics, evolution, energies, selection. Variants,
+each on its own copy of the network, same batch, device and dtype, synthetic inputs (102 classes):
+
+  original   the network alone
+  ising      EDropout with the Ising energy (the fused kernel)
+  loss       EDropout with the energy loss (population and trials scored in one batched forward)
+  numpy      EDropout with the population step done as the proof of concept did, in NumPy on the host
+             (benchmarks/numpy_step.py: a loop over candidates, dense couplings)
+
+timed in turn (original, ising, loss, numpy, original, ...) after warm-up, each timed iteration after
+--settle untimed ones of the same variant; each variant's ratio is the median over rounds of its time
+over the original's time in the same round.
+
+    python benchmarks/speed.py [--device cpu|cuda] [--models resnet18] [--batch-size 32] [--iters 20]
+                               [--energy ising,loss,numpy] [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import edropout  # noqa: E402
+from edropout.energies import EnergyLoss, IsingEnergy  # noqa: E402
+from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
+from numpy_step import numpy_step  # noqa: E402
+
+SEED_RATIO = {"resnet18": 17.21, "resnet34": 25.12, "resnet50": 19.63, "resnet101": 22.56, "alexnet": 28.97,
+              "squeezenet1_1": 1.33}
+ENERGIES = ("ising", "loss", "numpy")
+
+
+class NumpyStep:
+    """EDropout's masks and Ising terms, with the population step in NumPy on the host."""
+
+    def __init__(self, model):
+        self.ed = edropout.EDropout(model)
+        self.rng = np.random.default_rng(0)
+        self.blocks = None
+
+    def step(self, inputs, targets):
+        ed = self.ed
+        if ed.energies is None or ed.steps % ed.energy.refresh_every == 0:
+            ed.energy.refresh()
+            blocks = [-(b.weights @ b.weights.t()) if isinstance(b, edropout.ops.Factored) else b
+                      for b in ed.energy.couplings.blocks()]
+            self.blocks = [b.cpu().numpy() for b in blocks]
+            self.field = ed.energy.field.cpu().numpy()
+            ed.energies = ed.energy(ed.population)
+        population, energies, best = numpy_step(ed.population.cpu().numpy(), ed.energies.cpu().numpy(),
+                                                self.field, self.blocks, self.rng,
+                                                keep=ed.always_kept.cpu().numpy())
+        ed.population = torch.from_numpy(population).to(ed.population.device)
+        ed.energies = torch.from_numpy(energies).to(ed.population.device)
+        ed.masks.mask.copy_(ed.population[best])
+        ed.steps += 1
+
+
+def make_variant(kind, model):
+    if kind == "original":
+        return None
+    if kind == "ising":
+        return edropout.EDropout(model, energy=IsingEnergy())
+    if kind == "loss":
+        return edropout.EDropout(model, energy=EnergyLoss())
+    return NumpyStep(model)
+
+
+def timer(device):
+    cuda = device.startswith("cuda")
+
+    def run(fn):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+    return run
+
+
+def bench_model(name, kinds, args, time_it):
+    torch.manual_seed(0)
+    size = INPUT_SIZE[name]
+    base = build(name, 3, 102).to(args.device)
+    x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+    y = torch.randint(0, 102, (args.batch_size,), device=args.device)
+    runs = {}
+    for kind in ("original",) + kinds:
+        model = copy.deepcopy(base).train()
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.9, eps=1e-6, weight_decay=1e-5)
+        controller = make_variant(kind, model)
+
+        def iteration(model=model, optimizer=optimizer, controller=controller):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if controller is not None:
+                controller.step(x, y)
+
+        runs[kind] = iteration
+    for fn in runs.values():  # warm-up, and the first step's scoring
+        for _ in range(args.warmup):
+            fn()
+    times = {kind: [] for kind in runs}
+    for _ in range(args.iters):
+        for kind, fn in runs.items():
+            for _ in range(args.settle):  # the previous variant's worker threads (OpenBLAS spins) go idle
+                fn()
+            times[kind].append(time_it(fn))
+    row = {"model": name, "D": edropout.prunable_units(base).num_units,
+           "original_ms": 1e3 * statistics.median(times["original"])}
+    for kind in kinds:
+        row[f"{kind}_ms"] = 1e3 * statistics.median(times[kind])
+        row[f"{kind}_ratio"] = statistics.median(t / o for t, o in zip(times[kind], times["original"]))
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 on GPU, 32 on CPU")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per variant (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per variant first (default 3)")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed iterations before each timed one, so that the variant timed before has "
+                             "stopped competing for the cores (default 1)")
+    parser.add_argument("--energy", default=",".join(ENERGIES), help="EDropout variants, from: " + ", ".join(ENERGIES))
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 and SqueezeNet, batch 4, 3 iterations (smoke)")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    kinds = tuple(args.energy.split(","))
+    for given, valid, flag in ((models, MODELS, "--models"), (kinds, ENERGIES, "--energy")):
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; expected some of {', '.join(valid)}")
+    if args.quick:
+        models = [m for m in models if m in ("resnet18", "squeezenet1_1")]
+        args.batch_size, args.iters, args.warmup, args.settle = 4, 3, 1, 0
+    if args.batch_size is None:
+        args.batch_size = 128 if args.device.startswith("cuda") else 32
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"# EDropout / original time per training iteration, {args.device} ({device_name}), torch "
+          f"{torch.__version__}, {when}")
+    print(f"# batch {args.batch_size}, 102 classes, K = 8, Adadelta; {args.iters} rounds of the variants in turn "
+          f"after {args.warmup} warm-up iterations, each timed iteration after {args.settle} untimed; median ratios")
+    columns = "".join(f" {k} ms | {k} ratio |" for k in kinds)
+    print(f"| model | D | original ms |{columns} seed ratio (NumPy, RTX) |")
+    print("|" + "---|" * (4 + 2 * len(kinds)))
+    rows = []
+    for name in models:
+        row = bench_model(name, kinds, args, timer(args.device))
+        rows.append(row)
+        cells = "".join(f" {row[f'{k}_ms']:.1f} | {row[f'{k}_ratio']:.2f}x |" for k in kinds)
+        print(f"| {name} | {row['D']} | {row['original_ms']:.1f} |{cells} {SEED_RATIO[name]:.2f}x |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__, "date": when,
+                       "batch_size": args.batch_size, "iters": args.iters, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

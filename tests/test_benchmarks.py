@@ -1,0 +1,38 @@
+"""The benchmark scripts run (smoke: small sizes, no thresholds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_speed_quick(tmp_path):
+    out = run("speed.py", "--quick", "--device", "cpu", "--json", str(tmp_path / "speed.json"))
+    assert "| resnet18 | 5414 |" in out and "| squeezenet1_1 | 3046 |" in out
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert all(row["ising_ratio"] > 0 and row["loss_ratio"] > 0 and row["numpy_ratio"] > 0 for row in rows)
+
+
+def test_kernels_quick():
+    out = run("kernels.py", "--quick", "--device", "cpu")
+    assert "| resnet18 | 5414 |" in out
+
+
+def test_slim_smallest():
+    out = run("slim.py", "--models", "squeezenet1_1", "--rounds", "1", "--calls", "1", "--batch-size", "1")
+    assert "| squeezenet1_1 | 1 |" in out
+
+
+def test_speed_rejects_unknown_model():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--models", "vgg"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--models: unknown vgg" in result.stderr
