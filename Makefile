@@ -24,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch torchvision numpy tqdm pytest hypothesis
+	$(PY) -m pip install --quiet torch torchvision numpy tqdm scikit-learn pytest hypothesis
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -1,0 +1,257 @@
+"""The data sets of the EDropout experiments, read with torchvision's dataset classes.
+
+``load(name, root, model_input_size)`` gives a ``Splits`` of train / validation / test datasets, each
+yielding ``(image, label)`` with ``image`` a float tensor ``[C, H, W]`` of side ``model_input_size``
+(32 for the ResNets, 224 for AlexNet and SqueezeNet) and ``label`` an int.
+
+    name         data under ``root``                      splits
+    fashion      FashionMNIST/raw (torchvision)           train 60k -> 54k train + 6k validation; test 10k
+    kuzushiji    KMNIST/raw (torchvision)                 train 60k -> 54k train + 6k validation; test 10k
+    cifar10      cifar-10-batches-py (torchvision)        train 50k -> 45k train + 5k validation; test 10k
+    cifar100     cifar-100-python (torchvision)           train 50k -> 45k train + 5k validation; test 10k
+    flowers      flowers-102 (torchvision Flowers102)     its train, val and test pooled (8189 images), then
+                                                          per class 10 test, 10 validation, the rest train
+    imagefolder  train/<class>/*.png, test/<class>/*.png  train/ -> 90% train + 10% validation; test/
+    digits       none: scikit-learn's bundled 8x8 digits  1797 images, stratified: 1258 train, 180
+                                                          validation (10%), 359 test (20%)
+
+Validation is drawn at random (``len(train) // 10`` images) from the training data with ``seed``, so it is
+the same on every run with the same seed. Where the test set is drawn too (flowers, per class; digits,
+stratified), it is drawn with the fixed seed ``TEST_SEED`` whatever ``seed`` is, so every run is scored on
+the same test images, and validation is then drawn from the rest with ``seed``.
+
+Gray images are scaled to [0, 1] (``ToTensor`` only); colour images are normalised with the ImageNet mean
+and std. Training sets of cifar10, cifar100 and flowers are augmented by default (``augment=None``):
+random horizontal flip, random rotation by 0 to 180 degrees, then (after normalisation) ``Cutout`` of one
+square of side ``model_input_size // 4``. Validation and test images are never augmented: every split is a
+view of one un-transformed dataset with its own transform.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import default_loader
+from torchvision.datasets.utils import extract_archive
+
+DATASETS = ("fashion", "kuzushiji", "cifar10", "cifar100", "flowers", "imagefolder", "digits")
+AUGMENTED = ("cifar10", "cifar100", "flowers")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VAL_FRACTION = 0.1                  # validation: this fraction of the training data, drawn with `seed`
+FLOWERS_PER_CLASS = 10              # flowers: validation and test images per class
+DIGITS_TEST_FRACTION = 0.2          # digits: stratified test fraction (validation: VAL_FRACTION of all)
+TEST_SEED = 0                       # the draw of the test set where there is one (flowers, digits)
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+
+
+class View(Dataset):
+    """The items ``indices`` of ``base`` (a dataset of (PIL image, label)), through ``transform``."""
+
+    def __init__(self, base, indices, transform):
+        self.base, self.indices, self.transform = base, [int(i) for i in indices], transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.base[self.indices[i]]
+        return self.transform(image), int(label)
+
+
+class Cutout:
+    """Zero one random ``size`` x ``size`` square of a tensor image ``[C, H, W]`` (DeVries & Taylor, 2017).
+
+    The square's centre is uniform over the image and the square is clipped at the borders, so it may be
+    partly outside (unlike ``RandomErasing``, which keeps its rectangle inside). Applied after
+    normalisation, the square is the mean colour.
+    """
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        h, w = image.shape[-2:]
+        y, x = torch.randint(h, ()).item(), torch.randint(w, ()).item()
+        image = image.clone()
+        image[..., max(y - self.size // 2, 0):y + (self.size + 1) // 2,
+              max(x - self.size // 2, 0):x + (self.size + 1) // 2] = 0
+        return image
+
+    def __repr__(self):
+        return f"Cutout(size={self.size})"
+
+
+class Digits(Dataset):
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images) as (PIL gray image, label)."""
+
+    def __init__(self):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:
+            raise ImportError("digits: needs scikit-learn (pip install scikit-learn)") from e
+        digits = load_digits()
+        self.images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8)   # 0..16 -> 0..255
+        self.targets = [int(t) for t in digits.target]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.images[i].numpy(), mode="L"), self.targets[i]
+
+
+def _transform(size, gray, augment, first=()):
+    steps = list(first) + [transforms.Resize((size, size))]
+    if augment:
+        steps += [transforms.RandomHorizontalFlip(), transforms.RandomRotation(degrees=(0, 180))]
+    steps.append(transforms.ToTensor())
+    if not gray:
+        steps.append(transforms.Normalize(MEAN, STD))
+    if augment:
+        steps.append(Cutout(size // 4))
+    return transforms.Compose(steps)
+
+
+def _split_off(indices, fraction, seed):
+    """(kept, drawn): ``int(len * fraction)`` of ``indices`` drawn at random with ``seed``, sorted."""
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    perm = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))]
+    n = int(len(indices) * fraction)
+    return sorted(perm[n:].tolist()), sorted(perm[:n].tolist())
+
+
+def _open(name, path, download, make):
+    """``make()``, with torchvision's errors for missing or failed data made one line that says what to do."""
+    try:
+        return make()
+    except (RuntimeError, OSError) as e:
+        if download:
+            raise RuntimeError(f"{name}: could not download into {path}: {str(e).splitlines()[0]}") from e
+        state = "incomplete or corrupted data" if Path(path).exists() else "no data"
+        hint = ("pass --download to fetch it (needs network)" if name != "imagefolder"
+                else "expected train/<class>/*.png and test/<class>/*.png")
+        raise FileNotFoundError(f"{name}: {state} at {path}; {hint}") from e
+
+
+def _mnist(name, cls, root, download):
+    raw = root / cls.__name__ / "raw"
+    for archive, _ in cls.resources:         # archives copied in by hand: extract them as the downloader does
+        if (raw / archive).is_file() and not (raw / archive).with_suffix("").is_file():
+            extract_archive(str(raw / archive))
+    return [_open(name, raw, download, lambda train=train: cls(root, train=train, download=download))
+            for train in (True, False)]
+
+
+def _cifar(name, cls, root, download):
+    return [_open(name, root / cls.base_folder, download,
+                  lambda train=train: cls(root, train=train, download=download)) for train in (True, False)]
+
+
+def _load_gray(path):
+    with open(path, "rb") as f:
+        return Image.open(f).convert("L")
+
+
+def _imagefolder(root):
+    """train/ and test/ as ImageFolders, and whether the images are gray (judged by the first one)."""
+    train, test = [_open("imagefolder", root / split, False, lambda split=split: datasets.ImageFolder(root / split))
+                   for split in ("train", "test")]
+    if test.classes != train.classes:
+        raise ValueError(f"imagefolder: the class folders of {root / 'test'} ({', '.join(test.classes)}) "
+                         f"are not those of {root / 'train'} ({', '.join(train.classes)})")
+    with Image.open(train.samples[0][0]) as probe:
+        gray = probe.mode in _GRAY_MODES
+    if gray:
+        train.loader = test.loader = _load_gray
+    return train, test, gray
+
+
+def _identity(path):
+    return path
+
+
+def _flowers(root, download, seed):
+    """torchvision's three Flowers102 splits pooled, items (image path, label), and the indices of our splits.
+
+    Per class: TEST_SEED draws FLOWERS_PER_CLASS test images, then ``seed`` draws FLOWERS_PER_CLASS
+    validation images from the rest, and the rest (at least 20 of the 40 to 258 a class has) is training.
+    """
+    pool = ConcatDataset([_open("flowers", root / "flowers-102", download, lambda split=split: datasets.Flowers102(
+        root, split=split, download=download, loader=_identity)) for split in ("train", "val", "test")])
+    labels = torch.tensor([label for _, label in pool])
+    train, val, test = [], [], []
+    for c in labels.unique().tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(TEST_SEED))]
+        rest = members[FLOWERS_PER_CLASS:]
+        rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))]
+        test += members[:FLOWERS_PER_CLASS].tolist()
+        val += rest[:FLOWERS_PER_CLASS].tolist()
+        train += rest[FLOWERS_PER_CLASS:].tolist()
+    return pool, (sorted(train), sorted(val), sorted(test))
+
+
+def _digits(seed):
+    """The digits and the indices of our splits: stratified, the test set drawn with TEST_SEED, then
+    validation from the rest with ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    digits = Digits()
+    n = len(digits)
+    rest, test = train_test_split(range(n), test_size=round(DIGITS_TEST_FRACTION * n), random_state=TEST_SEED,
+                                  stratify=digits.targets)
+    train, val = train_test_split(rest, test_size=round(VAL_FRACTION * n), random_state=seed,
+                                  stratify=[digits.targets[i] for i in rest])
+    return digits, (sorted(train), sorted(val), sorted(test))
+
+
+def load(name, root, model_input_size, download=False, seed=0, augment=None):
+    """The train / validation / test splits of data set ``name`` (one of ``DATASETS``) under ``root``.
+
+    ``download=True`` fetches a missing torchvision data set into ``root`` (it does not apply to
+    imagefolder, and digits is bundled with scikit-learn). ``augment`` turns training augmentation on or
+    off; ``None`` means on for cifar10, cifar100 and flowers.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {', '.join(DATASETS)}; got {name!r}")
+    if isinstance(model_input_size, bool) or not isinstance(model_input_size, int) or model_input_size < 1:
+        raise ValueError(f"model_input_size must be a positive int (32 or 224); got {model_input_size!r}")
+    augment = name in AUGMENTED if augment is None else bool(augment)
+    root, first = Path(root), ()
+
+    if name == "flowers":
+        base, (train_idx, val_idx, test_idx) = _flowers(root, download, seed)
+        test_base, gray, num_classes = base, False, len(datasets.Flowers102.classes)
+        first = (default_loader,)                   # the pooled items are image paths: read the image first
+    elif name == "digits":
+        base, (train_idx, val_idx, test_idx) = _digits(seed)
+        test_base, gray, num_classes = base, True, 10
+    else:                                           # a training file and a test file
+        if name in ("fashion", "kuzushiji"):
+            cls, gray = datasets.FashionMNIST if name == "fashion" else datasets.KMNIST, True
+            base, test_base = _mnist(name, cls, root, download)
+        elif name in ("cifar10", "cifar100"):
+            cls, gray = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100, False
+            base, test_base = _cifar(name, cls, root, download)
+        else:
+            base, test_base, gray = _imagefolder(root)
+        num_classes = len(base.classes)
+        train_idx, val_idx = _split_off(range(len(base)), VAL_FRACTION, seed)
+        test_idx = range(len(test_base))
+
+    plain = _transform(model_input_size, gray, False, first)
+    return Splits(train=View(base, train_idx, _transform(model_input_size, gray, augment, first)),
+                  val=View(base, val_idx, plain), test=View(test_base, test_idx, plain),
+                  num_classes=num_classes, in_channels=1 if gray else 3)
