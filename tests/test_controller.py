@@ -48,7 +48,11 @@ def train_steps(model, ed, gen, steps, optimizer=None, record=None):
 
 
 def random_state(ed, gen):
+    """Half of the units at random, and at least one dropped and one kept unit in every layer."""
     state = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept
+    for layer in ed.units:
+        if not layer.always_kept and layer.size > 1:
+            state[layer.start], state[layer.start + 1] = False, True
     return state.to(torch.uint8)
 
 
