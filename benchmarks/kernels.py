@@ -35,25 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edropout  # noqa: E402
 from edropout import ops, reference  # noqa: E402
 from numpy_step import numpy_step  # noqa: E402
+from timing import make_timer  # noqa: E402
 
 MODELS = ["squeezenet1_1", "resnet18", "resnet34", "alexnet", "resnet50", "resnet101"]
-
-
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.startswith("cuda")
-
-    def __call__(self, fn):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
 
 
 def copy_bandwidth(device, timer, megabytes=512, repeats=5):
@@ -161,7 +145,7 @@ def main(argv=None):
     if args.quick:
         models, args.rounds, args.calls, args.settle = [m for m in models if m in ("squeezenet1_1", "resnet18")], 1, 3, 0.0
 
-    timer = Timer(args.device)
+    timer = make_timer(args.device)
     gen = torch.Generator().manual_seed(0)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

@@ -14,23 +14,18 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from datetime import datetime, timezone
+
+import os
+import sys
 
 import torch
 
-import edropout
-from edropout.models import INPUT_SIZE, MODELS, build
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def timed(fn, device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+import edropout  # noqa: E402
+from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
+from timing import make_timer  # noqa: E402
 
 
 def main(argv=None):
@@ -70,11 +65,12 @@ def main(argv=None):
         batch = args.batch_size or (32 if size == 32 else 8)
         x = torch.randn(batch, 3, size, size, device=args.device)
         times = {"full": [], "slim": []}
+        time_it = make_timer(args.device)
         with torch.inference_mode():
             for _ in range(args.rounds):
                 for label, net in (("full", model), ("slim", small)):
                     net(x)
-                    times[label] += [timed(lambda: net(x), args.device) for _ in range(args.calls)]
+                    times[label] += [time_it(lambda: net(x)) for _ in range(args.calls)]
         full_ms, slim_ms = (statistics.median(times[k]) * 1e3 for k in ("full", "slim"))
         row = {"model": name, "batch": batch, "params_full": sum(p.numel() for p in model.parameters()),
                "params_slim": sum(p.numel() for p in small.parameters()), "R": R, "kept_parameters": kept,

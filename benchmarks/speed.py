@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -42,6 +41,7 @@ import edropout  # noqa: E402
 from edropout.energies import EnergyLoss, IsingEnergy  # noqa: E402
 from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
 from numpy_step import numpy_step  # noqa: E402
+from timing import make_timer  # noqa: E402
 
 SEED_RATIO = {"resnet18": 17.21, "resnet34": 25.12, "resnet50": 19.63, "resnet101": 22.56, "alexnet": 28.97,
               "squeezenet1_1": 1.33}
@@ -82,24 +82,6 @@ def make_variant(kind, model):
     if kind == "loss":
         return edropout.EDropout(model, energy=EnergyLoss())
     return NumpyStep(model)
-
-
-def timer(device):
-    cuda = device.startswith("cuda")
-
-    def run(fn):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        begin = time.perf_counter()
-        fn()
-        return time.perf_counter() - begin
-
-    return run
 
 
 def bench_model(name, kinds, args, time_it):
@@ -178,7 +160,7 @@ def main(argv=None):
     print("|" + "---|" * (4 + 2 * len(kinds)))
     rows = []
     for name in models:
-        row = bench_model(name, kinds, args, timer(args.device))
+        row = bench_model(name, kinds, args, make_timer(args.device))
         rows.append(row)
         cells = "".join(f" {row[f'{k}_ms']:.1f} | {row[f'{k}_ratio']:.2f}x |" for k in kinds)
         print(f"| {name} | {row['D']} | {row['original_ms']:.1f} |{cells} {SEED_RATIO[name]:.2f}x |", flush=True)
