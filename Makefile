@@ -24,14 +24,13 @@ setup: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch torchvision numpy tqdm scikit-learn pytest hypothesis
+	$(PY) -m pip install --quiet torch torchvision numpy tqdm scikit-learn matplotlib pytest hypothesis
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
-# Until the training routine lands, `make train` runs the population search on a real network's unit
-# layout (ResNet-18, 102 classes) with the fused kernel.
+# `make train` runs EDropout on the bundled digits data with a short schedule and prints the report.
 train: setup
-	$(PY) -m edropout.demo
+	$(PY) -m edropout train
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

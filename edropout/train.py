@@ -1,0 +1,652 @@
+"""Training with EDropout, start to finish: ``train(TrainConfig(...)) -> run_dir``.
+
+Read top to bottom: the configuration, the data, the network and its EDropout controller, the optimiser
+and the schedule, then one loop over epochs (train, validate, write the metrics and checkpoints), then the
+report on the test set and the plots.
+
+A run directory holds
+
+    config.json      the TrainConfig of the run
+    metrics.jsonl    one line per epoch: train/val loss and top-1, best/mean population energy, kept fraction,
+                     learning rate, seconds
+    last.pt          the state after the last finished epoch (model, optimiser, scheduler, EDropout, RNGs)
+    best.pt          the same at the epoch of the best validation top-1
+    report.md/json   the test-set report of best.pt (see ``report``)
+    plots.png        loss, accuracy, population energy and kept fraction per epoch
+
+Checkpoints are written to a temporary file in the same folder, flushed to disk and renamed over the old
+one, so a run killed at any instant leaves the last good checkpoint. ``train(config, resume=RUN_DIR)``
+continues from last.pt exactly as if the run had not stopped: the data order of epoch e comes from a
+generator seeded with (seed, e), and the global RNG states are restored; a run killed mid-epoch restarts
+that epoch. Checkpoints are this package's own files and are read with ``weights_only=False`` (they hold
+the EDropout controller's couplings); load only run directories you trust.
+
+Modes: ``edropout`` (the controller evolves the state, then freezes it), ``original`` (the same network
+without EDropout) and ``random`` (a random state keeping a fraction ``p_init`` of the units, fixed from
+the start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import data, models
+from .controller import EDropout
+from .slim import keep_of_state
+from .slim import kept_parameters as slim_kept_parameters
+
+__all__ = ["TrainConfig", "RunError", "train", "train_runs", "report", "evaluate_run", "export", "plot"]
+
+MODES = ("edropout", "original", "random")
+OPTIMIZERS = ("adadelta", "sgd")
+RANDOM_KEPT = (25, 50, 75)  # the random-pruning rows of the report: % of prunable units kept
+
+
+class RunError(Exception):
+    """Bad input or an unusable run directory; the message is one line that names the problem."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    data_root: str = "data"
+    model: str = "resnet18"
+    mode: str = "edropout"              # "edropout", "original" or "random"
+    optimizer: str = "adadelta"         # "adadelta" or "sgd" (momentum, Nesterov)
+    lr: Optional[float] = None          # None: 1.0 for adadelta, 0.1 for sgd
+    rho: float = 0.9                    # adadelta
+    eps: float = 1e-6                   # adadelta
+    momentum: float = 0.9               # sgd
+    weight_decay: float = 1e-5
+    lr_step: int = 50                   # StepLR: multiply the learning rate by lr_gamma every lr_step epochs
+    lr_gamma: float = 0.1
+    batch_size: int = 128
+    epochs: int = 200
+    population: int = 8
+    freeze_after: int = 100             # epochs before the state may freeze (early state convergence)
+    patience: int = 100                 # steps without a change of the best state that freeze it
+    p_init: float = 0.5
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    run_dir: Optional[str] = None       # None: runs/<dataset>-<model>-<mode>-<timestamp>
+    download: bool = False
+    num_workers: int = 0
+    limit_batches: Optional[int] = None  # at most this many training batches per epoch (quick checks, tests)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RunError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise RunError (one line) for a configuration that cannot run."""
+    if config.dataset not in data.DATASETS:
+        raise RunError(f"dataset must be one of {', '.join(data.DATASETS)}; got {config.dataset!r}")
+    if config.model not in models.MODELS:
+        raise RunError(f"model must be one of {', '.join(models.MODELS)}; got {config.model!r}")
+    if config.mode not in MODES:
+        raise RunError(f"mode must be one of {', '.join(MODES)}; got {config.mode!r}")
+    if config.optimizer not in OPTIMIZERS:
+        raise RunError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {config.optimizer!r}")
+    for name in ("batch_size", "epochs", "lr_step", "patience"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RunError(f"{name} must be a positive integer; got {value!r}")
+    if config.population < 4:
+        raise RunError(f"population must be at least 4; got {config.population!r}")
+    if config.freeze_after < 0 or config.num_workers < 0:
+        raise RunError("freeze_after and num_workers must not be negative")
+    if not 0.0 < config.p_init <= 1.0:
+        raise RunError(f"p_init must be in (0, 1]; got {config.p_init!r}")
+    if config.lr is not None and not config.lr > 0:
+        raise RunError(f"lr must be positive; got {config.lr!r}")
+    if config.limit_batches is not None and config.limit_batches < 1:
+        raise RunError(f"limit_batches must be a positive integer or None; got {config.limit_batches!r}")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise RunError(f"device: not a torch device: {config.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {config.device!r}: CUDA is not available here")
+
+
+# -- files ------------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file of the same folder, fsync it and rename
+    it over ``path``: ``path`` is either the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise RunError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "epoch", "meta"} <= set(checkpoint):
+        raise RunError(f"{path}: not an edropout training checkpoint")
+    return checkpoint
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
+    return TrainConfig.from_dict(values)
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """The run directory of a fresh run: created, writable and empty, or RunError."""
+    if config.run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{config.dataset}-{config.model}-{config.mode}-{stamp}"
+    else:
+        run_dir = Path(config.run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunError(f"run directory {run_dir} already exists and is not empty (resume it with --resume)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"run directory {run_dir} is not writable ({e.strerror or type(e).__name__})") from None
+    return run_dir
+
+
+# -- the pieces of a run ------------------------------------------------------------------------------------
+def load_data(config: TrainConfig) -> data.Splits:
+    try:
+        return data.load(config.dataset, config.data_root, models.INPUT_SIZE[config.model],
+                         download=config.download, seed=config.seed)
+    except (FileNotFoundError, RuntimeError, ValueError, ImportError) as e:
+        raise RunError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def build_network(config: TrainConfig, in_channels: int, num_classes: int):
+    """The network (initialised from ``seed``) and its EDropout controller (None for mode original)."""
+    torch.manual_seed(config.seed)
+    model = models.build(config.model, in_channels, num_classes).to(config.device)
+    if config.mode == "original":
+        return model, None
+    ed = EDropout(model, population=config.population, p_init=config.p_init, freeze_after=config.freeze_after,
+                  patience=config.patience, seed=config.seed)
+    if config.mode == "random":  # a random state, fixed from the start: pruning at initialisation
+        generator = torch.Generator().manual_seed(config.seed)
+        state = torch.rand(ed.units.num_units, generator=generator) < config.p_init
+        ed.masks.mask.copy_((state.to(ed.masks.mask.device) | ed.always_kept).float())
+        ed.freeze()
+    return model, ed
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module):
+    if config.optimizer == "adadelta":
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0 if config.lr is None else config.lr,
+                                         rho=config.rho, eps=config.eps, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 if config.lr is None else config.lr,
+                                    momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    return optimizer, scheduler
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of epoch ``epoch``: the same order whether or not the run was resumed."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def rng_states() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device, topk=(1, 3, 5)) -> Dict[str, float]:
+    """Mean cross-entropy and top-k accuracies (%) of ``model`` in eval mode over ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss, correct, n = 0.0, {k: 0 for k in topk}, 0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = model(inputs)
+        loss += F.cross_entropy(logits, targets, reduction="sum").item()
+        ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
+        hits = ranked == targets[:, None]
+        for k in topk:
+            correct[k] += int(hits[:, :k].any(dim=1).sum())
+        n += targets.numel()
+    model.train(was_training)
+    return {"loss": loss / max(n, 1), **{f"top{k}": 100.0 * correct[k] / max(n, 1) for k in topk}}
+
+
+def population_stats(ed: Optional[EDropout]) -> dict:
+    if ed is None:
+        return {"best_energy": None, "mean_energy": None, "kept": 1.0}
+    s = ed.stats()
+    finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no NaN)
+    return {"best_energy": finite(s["best_energy"]), "mean_energy": finite(s["mean_energy"]), "kept": s["kept"]}
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False) -> Path:
+    """Train ``config`` (a new run directory), or continue the run in ``resume``; returns the run directory.
+    ``quiet``: no progress bars or per-epoch lines (the final report is printed still).
+
+    On resume the run's own config.json is used (``config``, when given, only sets the device)."""
+    # 1. configuration and run directory
+    if resume is not None:
+        run_dir = Path(resume)
+        stored = read_config(run_dir)
+        if config is not None:
+            stored.device = config.device
+        config = stored
+        check_config(config)
+        checkpoint = load_checkpoint(run_dir / "last.pt", config.device) if (run_dir / "last.pt").exists() else None
+    else:
+        config = config or TrainConfig()
+        check_config(config)
+        checkpoint = None
+    device = torch.device(config.device)
+
+    # 2. data (before the run directory exists, so that missing data leaves nothing behind)
+    splits = load_data(config)
+    if resume is None:
+        run_dir = new_run_dir(config)
+        config.run_dir = str(run_dir)
+        write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    if not quiet:
+        print(f"run {run_dir}: " + json.dumps(asdict(config)))
+    train_loader_args = dict(batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
+                             drop_last=False)
+    val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
+
+    # 3. network, EDropout, optimiser and schedule
+    model, ed = build_network(config, splits.in_channels, splits.num_classes)
+    optimizer, scheduler = build_optimizer(config, model)
+    meta = {"in_channels": splits.in_channels, "num_classes": splits.num_classes, "config": asdict(config)}
+    start_epoch, best_top1 = 0, -1.0
+    if checkpoint is not None:
+        restore(checkpoint, model, ed, optimizer, scheduler, run_dir / "last.pt")
+        set_rng_states(checkpoint["rng"])
+        start_epoch, best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
+    # metrics of epochs after the checkpoint (a run killed between the two writes) are redone
+    history = [m for m in read_metrics(run_dir) if m["epoch"] <= start_epoch]
+    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+
+    # 4. the epochs
+    for epoch in range(start_epoch, config.epochs):
+        started = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        loader = DataLoader(splits.train, generator=epoch_generator(config.seed, epoch), **train_loader_args)
+        total = len(loader) if config.limit_batches is None else min(len(loader), config.limit_batches)
+        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=quiet)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i, (inputs, targets) in enumerate(bar):
+            if i == total:
+                break
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ed is not None:
+                ed.step(inputs, targets)
+            loss_sum += loss.item() * targets.numel()
+            correct += int((logits.argmax(1) == targets).sum())
+            seen += targets.numel()
+            postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100.0 * correct / seen:.1f}"}
+            if ed is not None:
+                s = ed.stats()
+                postfix.update(E_best=f"{s['best_energy']:.3g}", E_mean=f"{s['mean_energy']:.3g}",
+                               kept=f"{s['kept']:.3f}")
+            bar.set_postfix(postfix)
+        bar.close()
+        if ed is not None:
+            ed.end_epoch()
+        scheduler.step()
+
+        # validate (EDropout: with the applied state, as the network is trained)
+        val = evaluate(model, val_loader, device, topk=(1,))
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+                  "val_loss": val["loss"], "val_top1": val["top1"], **population_stats(ed),
+                  "frozen": bool(ed.frozen) if ed is not None else None, "lr": lr, "time": time.time() - started}
+        history.append(record)
+        if not quiet:
+            tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f} | "
+                       f"val loss {val['loss']:.4f} top-1 {val['top1']:.2f} | kept {record['kept']:.3f}"
+                       + (" (frozen)" if record["frozen"] else ""))
+
+        # checkpoints: metrics first, then best.pt, then last.pt (a kill in between redoes the epoch)
+        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        improved = val["top1"] > best_top1
+        best_top1 = max(best_top1, val["top1"])
+        checkpoint = {"epoch": epoch + 1, "best_top1": best_top1, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "edropout": ed.state_dict() if ed is not None else None, "rng": rng_states(), "meta": meta}
+        if improved:
+            save_checkpoint(checkpoint, run_dir / "best.pt")
+        save_checkpoint(checkpoint, run_dir / "last.pt")
+
+    # 5. report and plots
+    report(run_dir, splits=splits)  # printed even when quiet: the run's result
+    plot(run_dir)
+    return run_dir
+
+
+def restore(checkpoint: dict, model, ed, optimizer=None, scheduler=None, path="checkpoint") -> None:
+    """Load a checkpoint's states; RunError (one line) when they do not fit the network."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        if ed is not None:
+            if checkpoint.get("edropout") is None:
+                raise ValueError("no EDropout state")
+            ed.load_state_dict(checkpoint["edropout"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: does not fit the network of config.json ({first})") from None
+
+
+# -- the report ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def applied_state(ed: EDropout, state: torch.Tensor):
+    """Within the context, ``ed``'s network runs with ``state`` (bool or uint8 [D]) applied through the masks."""
+    previous = ed.masks.mask.clone()
+    ed.masks.mask.copy_(state.to(ed.masks.mask))
+    try:
+        with ed.pruned():
+            yield
+    finally:
+        ed.masks.mask.copy_(previous)
+
+
+def random_state(ed: EDropout, percent: float, seed: int) -> torch.Tensor:
+    """A state keeping ``percent`` % of the prunable units, drawn at random (the classifier kept)."""
+    prunable = torch.nonzero(~ed.always_kept.cpu()).flatten()
+    order = torch.randperm(prunable.numel(), generator=torch.Generator().manual_seed(seed))
+    state = ed.always_kept.cpu().clone()
+    state[prunable[order[: round(percent / 100.0 * prunable.numel())]]] = True
+    return state
+
+
+def magnitude_state(ed: EDropout, count: int) -> torch.Tensor:
+    """The state keeping the ``count`` prunable units of largest kernel L2 norm over the whole network."""
+    norms = torch.full((ed.units.num_units,), -1.0)
+    for layer in ed.units:
+        if not layer.always_kept:
+            norms[layer.start:layer.stop] = layer.kernels().float().norm(dim=1).cpu()
+    state = ed.always_kept.cpu().clone()
+    prunable = torch.nonzero(~state).flatten()
+    state[prunable[norms[prunable].topk(count).indices]] = True
+    return state
+
+
+def _row(name: str, metrics: dict, percent: float, params: int) -> dict:
+    return {"method": name, "loss": metrics["loss"], "top1": metrics["top1"], "top3": metrics["top3"],
+            "top5": metrics["top5"], "R": percent, "params": params}
+
+
+def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None) -> List[dict]:
+    """The report's rows: best.pt of ``run_dir`` evaluated on the test set.
+
+    edropout / random: the network with every unit (EDropout(F)), with its state (EDropout(P)), with random
+    states keeping 25/50/75 % of the prunable units, and with the units of largest kernel L2 norm, as many
+    as its state keeps (magnitude pruning, "Deep Compression"). original: the network."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    if device is not None:
+        config.device = device
+    check_config(config)
+    checkpoint = load_checkpoint(run_dir / "best.pt", config.device)
+    splits = splits or load_data(config)
+    meta = checkpoint["meta"]
+    if (meta["in_channels"], meta["num_classes"]) != (splits.in_channels, splits.num_classes):
+        raise RunError(f"{run_dir / 'best.pt'}: a network for {meta['in_channels']} channel(s) and "
+                       f"{meta['num_classes']} classes, the data has {splits.in_channels} and {splits.num_classes}")
+    model, ed = build_network(config, splits.in_channels, splits.num_classes)
+    restore(checkpoint, model, ed, path=run_dir / "best.pt")
+    loader = DataLoader(splits.test, batch_size=256, num_workers=config.num_workers)
+    device = torch.device(config.device)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if ed is None:
+        return [_row("Original", evaluate(model, loader, device), 100.0, total)]
+
+    label = "EDropout" if config.mode == "edropout" else f"Random({config.p_init:g})"
+    rows = []
+    with ed.full():
+        rows.append(_row(f"{label}(F)", evaluate(model, loader, device), 100.0, total))
+    with ed.pruned():
+        percent, params = ed.kept_parameters()
+        rows.append(_row(f"{label}(P)", evaluate(model, loader, device), percent, params))
+    if config.mode != "edropout":
+        return rows
+
+    def state_row(name, state):
+        kept = slim_kept_parameters(model, keep_of_state(ed.units, state))
+        with applied_state(ed, state):
+            return _row(name, evaluate(model, loader, device), 100.0 * kept / total, kept)
+
+    for percent in RANDOM_KEPT:
+        rows.append(state_row(f"Random {percent}%", random_state(ed, percent, config.seed)))
+    kept_units = int((ed.state.cpu().bool() & ~ed.always_kept.cpu()).sum())
+    rows.append(state_row("Magnitude", magnitude_state(ed, kept_units)))
+    return rows
+
+
+COLUMNS = (("loss", "loss", "{:.4f}"), ("top1", "top-1 %", "{:.2f}"), ("top3", "top-3 %", "{:.2f}"),
+           ("top5", "top-5 %", "{:.2f}"), ("R", "R %", "{:.2f}"), ("params", "#p", "{:,.0f}"))
+
+
+def format_table(rows: List[dict], spread: Optional[List[dict]] = None) -> str:
+    """A markdown table of report rows (with ± std when ``spread`` gives the rows' standard deviations)."""
+    lines = ["| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for i, row in enumerate(rows):
+        cells = []
+        for key, _, fmt in COLUMNS:
+            cell = fmt.format(row[key])
+            if spread is not None:
+                cell += " ± " + fmt.format(spread[i][key])
+            cells.append(cell)
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bool = False) -> dict:
+    """Evaluate best.pt on the test set, write report.md and report.json, print the table; returns the report."""
+    run_dir = Path(run_dir)
+    rows = evaluate_run(run_dir, splits, device)
+    config = read_config(run_dir)
+    metrics = read_metrics(run_dir)
+    best = max(metrics, key=lambda m: m["val_top1"]) if metrics else None
+    result = {"run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "mode": config.mode,
+              "seed": config.seed, "epochs": len(metrics), "best_epoch": best["epoch"] if best else None,
+              "best_val_top1": best["val_top1"] if best else None, "rows": rows}
+    text = (f"# {config.dataset} / {config.model} / {config.mode} (seed {config.seed})\n\n"
+            f"Test set, best.pt (epoch {result['best_epoch']} of {len(metrics)}, validation top-1 "
+            f"{result['best_val_top1']:.2f} %). R: % of trainable parameters kept; #p: their number.\n\n"
+            + format_table(rows) + "\n")
+    write_text(run_dir / "report.json", json.dumps(result, indent=2) + "\n")
+    write_text(run_dir / "report.md", text)
+    if not quiet:
+        print(text)
+    return result
+
+
+# -- several seeds -------------------------------------------------------------------------------------------
+def train_runs(config: TrainConfig, runs: int, quiet: bool = False) -> Path:
+    """``runs`` runs with seeds seed .. seed+runs-1 in <run_dir>/seed-<s>, and report.md/json over them
+    (mean ± std) in <run_dir>. One run is ``train(config)``."""
+    if runs == 1:
+        return train(config, quiet=quiet)
+    if runs < 1:
+        raise RunError(f"runs must be a positive integer; got {runs!r}")
+    check_config(config)
+    load_data(config)  # missing data: fail before creating anything
+    parent = new_run_dir(config)
+    config.run_dir = str(parent)
+    write_text(parent / "config.json", json.dumps({**asdict(config), "runs": runs}, indent=2) + "\n")
+    for s in range(config.seed, config.seed + runs):
+        sub = TrainConfig.from_dict({**asdict(config), "seed": s, "run_dir": str(parent / f"seed-{s}")})
+        train(sub, quiet=quiet)
+    aggregate(parent, quiet=quiet)
+    return parent
+
+
+def seed_dirs(run_dir: Path) -> List[Path]:
+    return sorted((p for p in Path(run_dir).glob("seed-*") if (p / "config.json").is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None) -> dict:
+    """Mean ± std (over seeds) of the report rows of each run under ``parent``; writes report.md/json."""
+    parent = Path(parent)
+    reports = []
+    for sub in seed_dirs(parent):
+        if reevaluate or not (sub / "report.json").is_file():
+            reports.append(report(sub, device=device, quiet=True))
+        else:
+            reports.append(json.loads((sub / "report.json").read_text()))
+    if not reports:
+        raise RunError(f"{parent}: no finished runs (seed-*/)")
+    mean, std = [], []
+    for i, row in enumerate(reports[0]["rows"]):
+        values = {key: torch.tensor([r["rows"][i][key] for r in reports], dtype=torch.float64) for key, _, _ in COLUMNS}
+        mean.append({"method": row["method"], **{k: float(v.mean()) for k, v in values.items()}})
+        std.append({"method": row["method"], **{k: float(v.std(unbiased=False)) for k, v in values.items()}})
+    seeds = [r["seed"] for r in reports]
+    result = {"run_dir": str(parent), "seeds": seeds, "rows": mean, "std": std, "runs": reports}
+    text = (f"# {reports[0]['dataset']} / {reports[0]['model']} / {reports[0]['mode']}: {len(reports)} runs "
+            f"(seeds {', '.join(map(str, seeds))})\n\nTest set, best.pt of each run, mean ± std. "
+            "R: % of trainable parameters kept; #p: their number.\n\n" + format_table(mean, std) + "\n")
+    write_text(parent / "report.json", json.dumps(result, indent=2) + "\n")
+    write_text(parent / "report.md", text)
+    if not quiet:
+        print(text)
+    return result
+
+
+# -- plots and export ----------------------------------------------------------------------------------------
+def plot(run_dir) -> Optional[Path]:
+    """plots.png: loss, top-1, best and mean population energy, and kept fraction per epoch (None without
+    matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    epochs = [m["epoch"] for m in metrics]
+    series = lambda key: [np.nan if m[key] is None else m[key] for m in metrics]  # noqa: E731
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, keys, title in ((axes[0, 0], ("train_loss", "val_loss"), "loss"),
+                            (axes[0, 1], ("train_top1", "val_top1"), "top-1 %"),
+                            (axes[1, 0], ("best_energy", "mean_energy"), "population energy"),
+                            (axes[1, 1], ("kept",), "kept fraction of the prunable units")):
+        for key in keys:
+            ax.plot(epochs, series(key), marker=".", label=key.replace("_", " "))
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write_bytes(run_dir / "plots.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return run_dir / "plots.png"
+
+
+def export(run_dir, device="cpu") -> Dict[str, Path]:
+    """slim.pt (the slimmed network of best.pt, a whole module: ``torch.load(..., weights_only=False)``) and
+    slim.ts (TorchScript: scripted, or traced where scripting fails)."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    config.device = device
+    check_config(config)
+    checkpoint = load_checkpoint(run_dir / "best.pt", device)
+    meta = checkpoint["meta"]
+    model, ed = build_network(config, meta["in_channels"], meta["num_classes"])
+    restore(checkpoint, model, ed, path=run_dir / "best.pt")
+    small = (ed.slim() if ed is not None else model).eval()
+    atomic_write_bytes(run_dir / "slim.pt", lambda f: torch.save(small, f))
+    try:
+        scripted = torch.jit.script(small)
+    except Exception:
+        size = models.INPUT_SIZE[config.model]
+        scripted = torch.jit.trace(small, torch.zeros(1, meta["in_channels"], size, size, device=device))
+    atomic_write_bytes(run_dir / "slim.ts", lambda f: torch.jit.save(scripted, f))
+    return {"slim.pt": run_dir / "slim.pt", "slim.ts": run_dir / "slim.ts"}

@@ -1,0 +1,268 @@
+"""The training routine and the ``edropout`` command, on digits with a small CNN ("tiny", 8x8 inputs).
+
+The tiny network is registered in ``edropout.models`` by the tests only (in-process with monkeypatch, in
+subprocesses through ``TINY``); runs use ``limit_batches`` to stay short.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edropout import models
+from edropout import train as training
+from edropout.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Registers "tiny" in edropout.models; run in-process (tiny fixture) and at the start of subprocesses.
+TINY = '''
+import torch.nn as nn
+from edropout import models
+def _tiny(in_channels, num_classes):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+_build = models.build
+models.MODELS = models.MODELS + ("tiny",)
+models.INPUT_SIZE = {**models.INPUT_SIZE, "tiny": 8}
+models.build = lambda name, c, n: _tiny(c, n) if name == "tiny" else _build(name, c, n)
+'''
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    namespace = {}
+    saved = (models.MODELS, models.INPUT_SIZE, models.build)
+    exec(TINY, namespace)
+    yield
+    models.MODELS, models.INPUT_SIZE, models.build = saved
+
+
+def tiny_config(run_dir, **overrides):
+    values = dict(model="tiny", epochs=2, batch_size=32, limit_batches=6, freeze_after=1, patience=5,
+                  device="cpu", run_dir=str(run_dir))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def python(code, **kwargs):
+    return subprocess.Popen([sys.executable, "-c", TINY + code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_run_directory_and_report(tmp_path, tiny):
+    run_dir = training.train(tiny_config(tmp_path / "run"), quiet=True)
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "report.md", "report.json", "plots.png"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob(".*.tmp"))
+    assert json.loads((run_dir / "config.json").read_text())["model"] == "tiny"
+    metrics = training.read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "best_energy", "mean_energy", "kept", "lr", "time"):
+        assert key in metrics[0]
+    assert 0 < metrics[-1]["kept"] <= 1
+    result = json.loads((run_dir / "report.json").read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == ["EDropout(F)", "EDropout(P)", "Random 25%", "Random 50%", "Random 75%", "Magnitude"]
+    assert rows["EDropout(F)"]["R"] == 100.0
+    for row in rows.values():
+        assert row["top1"] <= row["top3"] <= row["top5"] <= 100
+        assert 0 < row["R"] <= 100 and row["params"] > 0
+    assert rows["Random 25%"]["params"] < rows["Random 50%"]["params"] < rows["Random 75%"]["params"]
+    # magnitude pruning keeps as many units as EDropout(P)
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
+    ed_state = checkpoint["edropout"]["mask"]
+    model, ed = training.build_network(tiny_config(run_dir), 1, 10)
+    training.restore(checkpoint, model, ed)
+    magnitude = training.magnitude_state(ed, int((ed.state.bool() & ~ed.always_kept).sum()))
+    assert int(magnitude.sum()) == int(ed_state.sum())
+    md = (run_dir / "report.md").read_text()
+    assert "| EDropout(P) |" in md and "| Magnitude |" in md
+
+
+def test_modes_original_and_random(tmp_path, tiny):
+    run = training.train(tiny_config(tmp_path / "orig", mode="original", epochs=1), quiet=True)
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["Original"] and rows[0]["R"] == 100.0
+    run = training.train(tiny_config(tmp_path / "rand", mode="random", epochs=1, p_init=0.5), quiet=True)
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["Random(0.5)(F)", "Random(0.5)(P)"] and rows[1]["R"] < 100
+    assert training.read_metrics(run)[0]["frozen"] is True
+
+
+def _states(run_dir):
+    checkpoint = torch.load(Path(run_dir) / "last.pt", weights_only=False)
+    return checkpoint
+
+
+def _assert_same(a, b, path="checkpoint"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    elif hasattr(a, "__dict__") and not isinstance(a, type):
+        _assert_same(vars(a), vars(b), path)
+    else:
+        assert a == b or (a != a and b != b), path
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny):
+    # killed during the second epoch: its ed.step sleeps after 2 steps and signals that it is there
+    killed, marker = tmp_path / "killed", tmp_path / "in-epoch-2"
+    config = tiny_config(killed, epochs=3, limit_batches=5)
+    code = f'''
+import time
+from pathlib import Path
+from edropout.controller import EDropout
+from edropout.train import TrainConfig, train
+_step = EDropout.step
+def step(self, *a, **k):
+    _step(self, *a, **k)
+    if self.epoch == 1 and self.steps % 5 == 2:
+        Path({str(marker)!r}).touch()
+        time.sleep(600)
+EDropout.step = step
+train(TrainConfig(**{asdict(config)!r}), quiet=True)
+'''
+    proc = python(code)
+    deadline = time.time() + 90
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "the run did not reach its second epoch"
+        time.sleep(0.05)
+    assert (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=False)["epoch"] == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    training.train(None, resume=killed, quiet=True)
+    straight = training.train(tiny_config(tmp_path / "straight", epochs=3, limit_batches=5), quiet=True)
+    a, b = _states(killed), _states(straight)
+    assert a["epoch"] == b["epoch"] == 3
+    for key in ("model", "optimizer", "scheduler", "edropout", "rng", "best_top1"):
+        _assert_same(a[key], b[key], key)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "time"} for m in ms]  # noqa: E731
+    assert strip(training.read_metrics(killed)) == strip(training.read_metrics(straight))
+
+
+def test_atomic_checkpoint_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    training.save_checkpoint({"epoch": 1, "x": torch.arange(5)}, path)
+    before = path.read_bytes()
+
+    def partial_save(obj, f, *args, **kwargs):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", partial_save)
+    with pytest.raises(OSError):
+        training.save_checkpoint({"epoch": 2}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary file is gone
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+
+
+def cli(*args, code=None):
+    command = [sys.executable, "-m", "edropout", *args] if code is None else [sys.executable, "-c", TINY + code, *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def assert_bad(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_cli_bad_input(tmp_path):
+    assert_bad(cli("train", "--dataset", "mnist", "--run-dir", str(tmp_path / "a")), "dataset")
+    assert_bad(cli("train", "--model", "vgg", "--run-dir", str(tmp_path / "a")), "model")
+    assert_bad(cli("train", "--epochs", "x"), "--epochs")
+    assert_bad(cli("train", "--dataset", "fashion", "--data-root", str(tmp_path / "none"),
+                   "--run-dir", str(tmp_path / "a")), "fashion", "no data")
+    assert not (tmp_path / "a").exists()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # (root writes anywhere)
+            assert_bad(cli("train", "--run-dir", str(locked / "run")), "not writable")
+    finally:
+        locked.chmod(0o700)
+    assert_bad(cli("eval", str(tmp_path / "missing")), "missing")
+    (tmp_path / "cfg.json").write_text('{"epochs": 1, "colour": "red"}')
+    assert_bad(cli("train", "--config", str(tmp_path / "cfg.json")), "colour")
+
+
+def test_cli_corrupt_checkpoint_and_existing_run(tmp_path, tiny):
+    run_dir = training.train(tiny_config(tmp_path / "run", epochs=1, limit_batches=2), quiet=True)
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    # an existing run directory is never overwritten
+    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    assert_bad(cli("train", "--model", "tiny", "--run-dir", str(run_dir), code=main), "already exists")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files
+    # a checkpoint of another network (wrong channel count) and a corrupt one
+    wrong = torch.load(run_dir / "best.pt", weights_only=False)
+    wrong["model"]["0.weight"] = torch.zeros(8, 3, 3, 3)
+    torch.save(wrong, run_dir / "best.pt")
+    assert_bad(cli("eval", str(run_dir), code=main), "best.pt", "does not fit")
+    (run_dir / "best.pt").write_bytes(b"not a checkpoint")
+    (run_dir / "last.pt").write_bytes(files["last.pt"][:100])
+    assert_bad(cli("eval", str(run_dir), code=main), "best.pt", "corrupt")
+    assert_bad(cli("train", "--resume", str(run_dir), code=main), "last.pt", "corrupt")
+    assert_bad(cli("export", str(run_dir), code=main), "best.pt", "corrupt")
+
+
+def test_cli_train_eval_export_round_trip(tmp_path, tiny):
+    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    run_dir = tmp_path / "run"
+    result = cli("train", "--model", "tiny", "--epochs", "1", "--batch-size", "32", "--limit-batches", "3",
+                 "--device", "cpu", "--run-dir", str(run_dir), "--quiet", code=main)
+    assert result.returncode == 0, result.stderr
+    assert "| EDropout(P) |" in result.stdout
+    result = cli("eval", str(run_dir), code=main)
+    assert result.returncode == 0, result.stderr
+    assert "| Magnitude |" in result.stdout
+    result = cli("export", str(run_dir), code=main)
+    assert result.returncode == 0, result.stderr
+
+    small = torch.load(run_dir / "slim.pt", weights_only=False)
+    scripted = torch.jit.load(str(run_dir / "slim.ts"))
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
+    model, ed = training.build_network(TrainConfig(**json.loads((run_dir / "config.json").read_text())), 1, 10)
+    training.restore(checkpoint, model, ed)
+    model.eval()
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad(), ed.pruned():
+        expected = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scripted(x), expected, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
+
+
+def test_several_seeds_report_mean_and_std(tmp_path, tiny):
+    parent = training.train_runs(tiny_config(tmp_path / "runs", epochs=1, limit_batches=2), runs=2, quiet=True)
+    assert (parent / "seed-0" / "best.pt").is_file() and (parent / "seed-1" / "best.pt").is_file()
+    result = json.loads((parent / "report.json").read_text())
+    assert result["seeds"] == [0, 1] and len(result["rows"]) == len(result["std"]) == 6
+    assert "±" in (parent / "report.md").read_text()
