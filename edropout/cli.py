@@ -34,12 +34,26 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edropout", description="EDropout: energy-based dropout and pruning.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a network (EDropout on digits with a small schedule by default)")
-    options = (("--dataset", str), ("--data-root", str), ("--model", str), ("--mode", str), ("--epochs", int),
-               ("--batch-size", int), ("--lr", float), ("--optimizer", str), ("--population", int),
-               ("--freeze-after", int), ("--patience", int), ("--p-init", float), ("--seed", int),
-               ("--device", str), ("--run-dir", str), ("--limit-batches", int))
-    for flag, kind in options:
-        t.add_argument(flag, type=kind, default=None)
+    options = (
+        ("--dataset", str, "fashion, kuzushiji, cifar10, cifar100, flowers, imagefolder or digits (default digits)"),
+        ("--data-root", str, "folder of the data sets (default data)"),
+        ("--model", str, "resnet18, resnet34, resnet50, resnet101, alexnet or squeezenet1_1 (default resnet18)"),
+        ("--mode", str, "edropout, original (no EDropout) or random (a random fixed state) (default edropout)"),
+        ("--epochs", int, "training epochs (seed: 200)"),
+        ("--batch-size", int, "batch size (seed: 128)"),
+        ("--lr", float, "learning rate (default 1.0 for adadelta, 0.1 for sgd)"),
+        ("--optimizer", str, "adadelta (rho 0.9, eps 1e-6, weight decay 1e-5) or sgd (momentum 0.9, Nesterov)"),
+        ("--population", int, "candidate states K (seed: 8)"),
+        ("--freeze-after", int, "epoch from which the state may freeze (seed: 100)"),
+        ("--patience", int, "steps without a change of the best state that freeze it (default 100)"),
+        ("--p-init", float, "probability that a unit is kept in the initial states (seed: 0.5)"),
+        ("--seed", int, "seed of the data split, the initial states and the evolution (default 0)"),
+        ("--device", str, "cpu or cuda (default: cuda when available)"),
+        ("--run-dir", str, "run directory (default runs/<dataset>-<model>-<mode>-<time>)"),
+        ("--limit-batches", int, "at most this many training batches per epoch (quick checks)"),
+    )
+    for flag, kind, help_text in options:
+        t.add_argument(flag, type=kind, default=None, help=help_text)
     t.add_argument("--runs", type=int, default=1, help="runs with seeds seed..seed+runs-1, reported as mean ± std")
     t.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
     t.add_argument("--config", metavar="FILE", default=None, help="TrainConfig fields as JSON")
