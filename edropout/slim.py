@@ -266,6 +266,17 @@ def _index(mask: torch.Tensor, device) -> torch.Tensor:
     return mask.nonzero().flatten().to(device)
 
 
+def _remove_outputs(m: nn.Module, w: torch.Tensor, remove: torch.Tensor, size_attr: str, dev) -> torch.Tensor:
+    """``w`` without the output rows ``remove`` of layer ``m``, whose bias and ``size_attr`` follow."""
+    if not remove.any():
+        return w
+    keep_out = _index(~remove, dev)
+    if m.bias is not None:
+        m.bias = _param(m.bias[keep_out], m.bias)
+    setattr(m, size_attr, keep_out.numel())
+    return w[keep_out]
+
+
 @torch.no_grad()
 def _apply(slim: nn.Module, plan: SlimPlan) -> nn.Module:
     modules = dict(slim.named_modules())
@@ -300,22 +311,11 @@ def _apply(slim: nn.Module, plan: SlimPlan) -> nn.Module:
                 keep_in = (~lp.in_remove).view(g, in_per)
                 w = torch.cat([w[gi * out_per:(gi + 1) * out_per][:, _index(keep_in[gi], dev)] for gi in range(g)])
                 m.in_channels = int(keep_in.sum())
-            if lp.remove.any():
-                keep_out = _index(~lp.remove, dev)
-                w = w[keep_out]
-                if m.bias is not None:
-                    m.bias = _param(m.bias[keep_out], m.bias)
-                m.out_channels = keep_out.numel()
+            w = _remove_outputs(m, w, lp.remove, "out_channels", dev)
             if w is not m.weight:
                 m.weight = _param(w, m.weight)
         else:
-            w = m.weight
-            if lp.remove.any():
-                keep_out = _index(~lp.remove, dev)
-                w = w[keep_out]
-                if m.bias is not None:
-                    m.bias = _param(m.bias[keep_out], m.bias)
-                m.out_features = keep_out.numel()
+            w = _remove_outputs(m, m.weight, lp.remove, "out_features", dev)
             if not torch.equal(lp.columns, torch.ones_like(lp.columns)):
                 w = w[:, _index(lp.columns, dev)]
             if w is not m.weight:
