@@ -48,8 +48,6 @@ from tqdm import tqdm
 
 from . import data, models
 from .controller import EDropout
-from .slim import keep_of_state
-from .slim import kept_parameters as slim_kept_parameters
 
 __all__ = ["TrainConfig", "RunError", "train", "train_runs", "report", "evaluate_run", "export", "plot"]
 
@@ -495,9 +493,9 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None) -> 
         return rows
 
     def state_row(name, state):
-        kept = slim_kept_parameters(model, keep_of_state(ed.units, state))
         with applied_state(ed, state):
-            return _row(name, evaluate(model, loader, device), 100.0 * kept / total, kept)
+            percent, kept = ed.kept_parameters()
+            return _row(name, evaluate(model, loader, device), percent, kept)
 
     for percent in RANDOM_KEPT:
         rows.append(state_row(f"Random {percent}%", random_state(ed, percent, config.seed)))
