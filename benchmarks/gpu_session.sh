@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build the kernels there, then the stages named on the command line, with
+# every log under $OUT (the device tool brings it back).
+#   bash benchmarks/gpu_session.sh build tests sanitize train kernels speed
+# Stages: build (setup.py build_ext --inplace for sm_90), tests (whole suite, CUDA tests must not skip),
+# sanitize (compute-sanitizer memcheck and racecheck over the CUDA op tests), train (EDropout on digits on
+# the GPU, report printed), kernels (benchmarks/kernels.py), speed (benchmarks/speed.py).
+set -uo pipefail
+OUT=${OUT:-/tmp/edropout-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PY:-python3}
+status=0
+stage() { echo "=== $1 ($(date +%T))"; }
+fail() { echo "!!! $1 failed"; status=1; }
+
+for s in "$@"; do
+  case "$s" in
+    build)
+      stage build
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+      $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+      TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
+        || { tail -40 "$OUT/build.log"; echo "!!! build failed"; exit 1; }
+      grep -iE "warning|spill" "$OUT/build.log" | grep -v "UserWarning" | head -20
+      cp edropout/_C*.so "$OUT/" ;;
+    tests)
+      stage tests
+      $PY -m pytest -q -rs -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || fail tests
+      tail -25 "$OUT/tests.log" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        stage "sanitize $tool"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 99 \
+          $PY -m pytest -q -x -p no:cacheprovider -k cuda tests/test_ising_energy.py tests/test_evolve.py \
+          tests/test_select.py tests/test_evolve_step.py >"$OUT/sanitize-$tool.log" 2>&1 || fail "sanitize $tool"
+        grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize-$tool.log" | tail -3
+      done ;;
+    train)
+      stage train
+      rm -rf /tmp/run-digits
+      $PY -m edropout train --device cuda --run-dir /tmp/run-digits >"$OUT/train.log" 2>&1 || fail train
+      cp /tmp/run-digits/report.md "$OUT/train-report.md" 2>/dev/null
+      tail -25 "$OUT/train.log" ;;
+    kernels)
+      stage kernels
+      $PY benchmarks/kernels.py --device cuda --json "$OUT/kernels-cuda.json" 2>&1 | tee "$OUT/kernels-cuda.md" || fail kernels ;;
+    speed)
+      stage speed
+      $PY benchmarks/speed.py --device cuda --energy ising,loss --json "$OUT/speed-cuda.json" 2>&1 \
+        | tee "$OUT/speed-cuda.md" || fail speed ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+stage done
+exit $status
