@@ -3,7 +3,9 @@
 
 import glob
 import os
+import shlex
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -19,6 +21,13 @@ except ImportError:
 here = os.path.dirname(os.path.abspath(__file__))
 
 
+def host_compiler():
+    """The compiler of the .cpp files. nvcc must compile the .cu files' host code with it too: both include
+    the same inline code (ATen, the argument checks), and the linker keeps one copy of each, so copies from
+    two different compilers would be mixed in one library."""
+    return shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")[0]
+
+
 def extension():
     sources = [os.path.join("csrc", "edropout.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -29,6 +38,8 @@ def extension():
         return CppExtension("edropout._C", sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=["-fopenmp"])
     nvcc_flags = ["-O3", "-lineinfo"] + (["-g", "-G"] if debug else [])
+    if "CC" not in os.environ:  # with CC set, torch passes it to nvcc itself
+        nvcc_flags += ["-ccbin", host_compiler()]
     return CUDAExtension(
         "edropout._C",
         sources + cuda_sources,

@@ -16,6 +16,19 @@ fail() { echo "!!! $1 failed"; status=1; }
 
 for s in "$@"; do
   case "$s" in
+    env)
+      stage env
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+      $PY -c "import torch, sysconfig; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'CXX', sysconfig.get_config_var('CXX'))"
+      for c in g++ /opt/gcc/bin/g++; do command -v $c && $c --version | head -1; done
+      lscpu | grep -E "Model name|^CPU\(s\)" ;;
+    crashcheck)  # a crash in the argument checks: its native backtrace
+      stage crashcheck
+      $PY -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py 2>&1 | tail -3 || true
+      if ! $PY -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py >/dev/null 2>&1; then
+        cuda-gdb -q -batch -ex run -ex bt --args $PY -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py 2>&1 \
+          | grep -E "^#|signal" | head -30
+      fi ;;
     build)
       stage build
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -26,12 +39,14 @@ for s in "$@"; do
       cp edropout/_C*.so "$OUT/" ;;
     tests)
       stage tests
-      $PY -m pytest -q -rs -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || fail tests
+      $PY -m pytest -q -rs -n 8 -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || fail tests
       tail -25 "$OUT/tests.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
         stage "sanitize $tool"
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 99 \
+        # Only edropout's kernels are instrumented (torch's and cuBLAS's, used by the references, are not).
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_SECONDS:-100} compute-sanitizer --tool $tool \
+          --kernel-name kns=edropout --error-exitcode 99 \
           $PY -m pytest -q -x -p no:cacheprovider -k cuda tests/test_ising_energy.py tests/test_evolve.py \
           tests/test_select.py tests/test_evolve_step.py >"$OUT/sanitize-$tool.log" 2>&1 || fail "sanitize $tool"
         grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize-$tool.log" | tail -3
