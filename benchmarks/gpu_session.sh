@@ -33,14 +33,18 @@ for s in "$@"; do
       stage build
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
       $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-      TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
-        || { tail -40 "$OUT/build.log"; echo "!!! build failed"; exit 1; }
-      grep -iE "warning|spill" "$OUT/build.log" | grep -v "UserWarning" | head -20
-      cp edropout/_C*.so "$OUT/" ;;
+      # The system compiler: the image's own g++ wrapper links libstdc++ statically into the extension,
+      # whose iostreams then crash in the first number formatted (an error message).
+      CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1 \
+        timeout 120 $PY setup.py build_ext --inplace >/tmp/build.log 2>&1 \
+        || { tail -40 /tmp/build.log; echo "!!! build failed"; exit 1; }
+      grep -iE "warning|spill" /tmp/build.log | grep -v "UserWarning" | head -20
+      ldd edropout/_C*.so | grep -E "stdc" ;;
     tests)
       stage tests
-      $PY -m pytest -q -rs -n 8 -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || fail tests
-      tail -25 "$OUT/tests.log" ;;
+      timeout ${TEST_SECONDS:-150} $PY -m pytest -v -rfs -n 8 --timeout 90 -p no:cacheprovider -p no:benchmark tests \
+        >"$OUT/tests.log" 2>&1 || fail tests
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -25 ;;
     sanitize)
       for tool in memcheck racecheck; do
         stage "sanitize $tool"
@@ -54,15 +58,17 @@ for s in "$@"; do
     train)
       stage train
       rm -rf /tmp/run-digits
-      $PY -m edropout train --device cuda --run-dir /tmp/run-digits >"$OUT/train.log" 2>&1 || fail train
-      cp /tmp/run-digits/report.md "$OUT/train-report.md" 2>/dev/null
+      timeout ${TRAIN_SECONDS:-120} $PY -m edropout train --device cuda --run-dir /tmp/run-digits >"$OUT/train.log" 2>&1 \
+        || fail train
       tail -25 "$OUT/train.log" ;;
     kernels)
       stage kernels
-      $PY benchmarks/kernels.py --device cuda --json "$OUT/kernels-cuda.json" 2>&1 | tee "$OUT/kernels-cuda.md" || fail kernels ;;
+      timeout ${BENCH_SECONDS:-300} $PY benchmarks/kernels.py --device cuda ${KERNELS_ARGS:-} --json "$OUT/kernels-cuda.json" 2>&1 \
+        | tee "$OUT/kernels-cuda.md" || fail kernels ;;
     speed)
       stage speed
-      $PY benchmarks/speed.py --device cuda --energy ising,loss --json "$OUT/speed-cuda.json" 2>&1 \
+      timeout ${BENCH_SECONDS:-300} $PY benchmarks/speed.py --device cuda --energy ising,loss ${SPEED_ARGS:-} \
+        --json "$OUT/speed-cuda.json" 2>&1 \
         | tee "$OUT/speed-cuda.md" || fail speed ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
