@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu_session.sh build tests sanitize train kernels speed
 # Stages: build (setup.py build_ext --inplace for sm_90), tests (whole suite, CUDA tests must not skip),
 # sanitize (compute-sanitizer memcheck and racecheck over the CUDA op tests), train (EDropout on digits on
-# the GPU, report printed), kernels (benchmarks/kernels.py), speed (benchmarks/speed.py).
+# the GPU, report printed), kernels (benchmarks/kernels.py), speed (benchmarks/speed.py with profiles).
+# Stage time limits: TEST_SECONDS, SANITIZE_SECONDS, TRAIN_SECONDS, BENCH_SECONDS; extra arguments:
+# KERNELS_ARGS, SPEED_ARGS. At most 8 files come back from $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/edropout-gpu}
 mkdir -p "$OUT"
@@ -67,9 +69,10 @@ for s in "$@"; do
         | tee "$OUT/kernels-cuda.md" || fail kernels ;;
     speed)
       stage speed
+      rm -rf /tmp/profile
       timeout ${BENCH_SECONDS:-300} $PY benchmarks/speed.py --device cuda --energy ising,loss ${SPEED_ARGS:-} \
-        --json "$OUT/speed-cuda.json" 2>&1 \
-        | tee "$OUT/speed-cuda.md" || fail speed ;;
+        --json "$OUT/speed-cuda.json" --profile /tmp/profile 2>&1 | tee "$OUT/speed-cuda.md" || fail speed
+      tar czf "$OUT/profiles.tgz" -C /tmp/profile . ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

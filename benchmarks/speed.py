@@ -17,7 +17,10 @@ timed in turn (original, ising, loss, numpy, original, ...) after warm-up, each 
 over the original's time in the same round.
 
     python benchmarks/speed.py [--device cpu|cuda] [--models resnet18] [--batch-size 32] [--iters 20]
-                               [--energy ising,loss,numpy] [--json out.json] [--quick]
+                               [--energy ising,loss,numpy] [--json out.json] [--quick] [--profile DIR]
+
+--profile DIR also writes, per network and variant, torch.profiler's table of the operators that took
+the most time over --iters iterations (DIR/<model>-<variant>.txt), to see where EDropout's cost goes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,12 +118,32 @@ def bench_model(name, kinds, args, time_it):
             for _ in range(args.settle):  # the previous variant's worker threads (OpenBLAS spins) go idle
                 fn()
             times[kind].append(time_it(fn))
+    if args.profile:
+        write_profiles(name, runs, args)
     row = {"model": name, "D": edropout.prunable_units(base).num_units,
            "original_ms": 1e3 * statistics.median(times["original"])}
     for kind in kinds:
         row[f"{kind}_ms"] = 1e3 * statistics.median(times[kind])
         row[f"{kind}_ratio"] = statistics.median(t / o for t, o in zip(times[kind], times["original"]))
     return row
+
+
+def write_profiles(name, runs, args):
+    """torch.profiler's operator table of each variant over --iters iterations, by self time on the device
+    (CUDA) or the host."""
+    os.makedirs(args.profile, exist_ok=True)
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for kind, fn in runs.items():
+        with profile(activities=activities) as prof:
+            for _ in range(args.iters):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=40)
+        with open(os.path.join(args.profile, f"{name}-{kind}.txt"), "w") as f:
+            f.write(f"# {name}, {kind}, {args.iters} iterations, batch {args.batch_size}, {args.device}\n{table}\n")
 
 
 def main(argv=None):
@@ -135,6 +159,7 @@ def main(argv=None):
     parser.add_argument("--energy", default=",".join(ENERGIES), help="EDropout variants, from: " + ", ".join(ENERGIES))
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--quick", action="store_true", help="ResNet-18 and SqueezeNet, batch 4, 3 iterations (smoke)")
+    parser.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables per network and variant here")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     kinds = tuple(args.energy.split(","))

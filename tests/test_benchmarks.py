@@ -16,10 +16,15 @@ def run(script, *args):
 
 
 def test_speed_quick(tmp_path):
-    out = run("speed.py", "--quick", "--device", "cpu", "--json", str(tmp_path / "speed.json"))
+    out = run("speed.py", "--quick", "--device", "cpu", "--json", str(tmp_path / "speed.json"),
+              "--profile", str(tmp_path / "profile"))
     assert "| resnet18 | 5414 |" in out and "| squeezenet1_1 | 3046 |" in out
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert all(row["ising_ratio"] > 0 and row["loss_ratio"] > 0 and row["numpy_ratio"] > 0 for row in rows)
+    profiles = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert profiles == sorted(f"{m}-{k}.txt" for m in ("resnet18", "squeezenet1_1")
+                              for k in ("original", "ising", "loss", "numpy"))
+    assert "edropout::evolve_step" in (tmp_path / "profile" / "resnet18-ising.txt").read_text()
 
 
 def test_kernels_quick():
