@@ -13,6 +13,7 @@ A run directory holds
     best.pt          the same at the epoch of the best validation top-1
     report.md/json   the test-set report of best.pt (see ``report``)
     plots.png        loss, accuracy, population energy and kept fraction per epoch
+    original/        with compare_original: the run of the same network without EDropout
 
 Checkpoints are written to a temporary file in the same folder, flushed to disk and renamed over the old
 one, so a run killed at any instant leaves the last good checkpoint. ``train(config, resume=RUN_DIR)``
