@@ -7,7 +7,7 @@
 
 Without ``--config``, ``train`` starts from a small schedule (``SMALL``: ResNet-18 at 32x32, 15 epochs,
 batch 64, the state free to freeze from epoch 8 after 50 unchanged steps, the learning rate divided by 10
-at epoch 12), which finishes in a few minutes on a 2-core CPU. ``--config FILE`` starts from the
+at epoch 12), which finishes in about a minute on a 2-core CPU. ``--config FILE`` starts from the
 TrainConfig fields of a JSON file instead (the seed's schedule for fields it leaves out), and options
 given on the command line override either. Bad input prints one line on stderr and exits with code 2.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .train import RunError, TrainConfig
@@ -34,36 +35,62 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edropout", description="EDropout: energy-based dropout and pruning.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a network (EDropout on digits with a small schedule by default)")
+    # (flag, type, help); every TrainConfig field has one. "default": without --config; "seed": the seed's
+    # schedule, TrainConfig's defaults, which --config FILE starts from.
     options = (
         ("--dataset", str, "fashion, kuzushiji, cifar10, cifar100, flowers, imagefolder or digits (default digits)"),
         ("--data-root", str, "folder of the data sets (default data)"),
+        ("--download", bool, "download missing torchvision data sets into --data-root"),
         ("--model", str, "resnet18, resnet34, resnet50, resnet101, alexnet or squeezenet1_1 (default resnet18)"),
         ("--mode", str, "edropout, original (no EDropout) or random (a random fixed state) (default edropout)"),
-        ("--epochs", int, "training epochs (seed: 200)"),
-        ("--batch-size", int, "batch size (seed: 128)"),
+        ("--compare-original", bool, "also train mode original with the same seed and schedule in "
+                                     "RUN_DIR/original; the report adds Original and Magnitude (Original)"),
+        ("--epochs", int, "training epochs (default 15; seed's schedule 200)"),
+        ("--batch-size", int, "batch size (default 64; seed's schedule 128)"),
+        ("--optimizer", str, "adadelta or sgd (momentum, Nesterov) (default adadelta)"),
         ("--lr", float, "learning rate (default 1.0 for adadelta, 0.1 for sgd)"),
-        ("--optimizer", str, "adadelta (rho 0.9, eps 1e-6, weight decay 1e-5) or sgd (momentum 0.9, Nesterov)"),
-        ("--population", int, "candidate states K (seed: 8)"),
-        ("--freeze-after", int, "epoch from which the state may freeze (seed: 100)"),
-        ("--patience", int, "steps without a change of the best state that freeze it (default 100)"),
-        ("--p-init", float, "probability that a unit is kept in the initial states (seed: 0.5)"),
-        ("--seed", int, "seed of the data split, the initial states and the evolution (default 0)"),
+        ("--rho", float, "Adadelta's rho (default 0.9)"),
+        ("--eps", float, "Adadelta's eps (default 1e-6)"),
+        ("--momentum", float, "SGD's momentum (default 0.9)"),
+        ("--weight-decay", float, "weight decay (default 1e-5)"),
+        ("--lr-step", int, "StepLR: epochs between two decays of the learning rate (default 12; seed's schedule 50)"),
+        ("--lr-gamma", float, "StepLR: factor of each decay (default 0.1)"),
+        ("--population", int, "candidate states K, at least 4 (default 8)"),
+        ("--p-init", float, "probability that a unit is kept in the initial states, in (0, 1] (default 0.5)"),
+        ("--energy", str, "ising (Ising energy, refreshed every 100 steps) or loss (energy loss on each "
+                          "batch) (default ising)"),
+        ("--keep-rate", float, "every state keeps this fraction of the prunable units, in (0, 1] "
+                               "(default: none, the energy decides)"),
+        ("--freeze-after", int, "epoch from which the state may freeze (default 8; seed's schedule 100)"),
+        ("--patience", int, "steps without a change of the best state that freeze it (default 50; seed's schedule 100)"),
+        ("--bn-calibration", int, "report: training images on which each row re-estimates its BatchNorm "
+                                  "statistics; 0 keeps those of training (default 2048)"),
+        ("--seed", int, "seed of the initial weights, data order, validation split, states and evolution "
+                        "(default 0)"),
         ("--device", str, "cpu or cuda (default: cuda when available)"),
+        ("--num-workers", int, "data loader worker processes (default 0)"),
         ("--run-dir", str, "run directory (default runs/<dataset>-<model>-<mode>-<time>)"),
-        ("--limit-batches", int, "at most this many training batches per epoch (quick checks)"),
+        ("--limit-batches", int, "at most this many training batches per epoch (quick checks; default: all)"),
     )
     for flag, kind, help_text in options:
-        t.add_argument(flag, type=kind, default=None, help=help_text)
-    t.add_argument("--runs", type=int, default=1, help="runs with seeds seed..seed+runs-1, reported as mean ± std")
+        if kind is bool:
+            t.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            t.add_argument(flag, type=kind, default=None, help=help_text)
+    t.add_argument("--runs", type=int, default=1, help="runs with seeds seed..seed+runs-1 in RUN_DIR/seed-<s>, "
+                                                        "reported as mean ± std (default 1)")
     t.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
-    t.add_argument("--config", metavar="FILE", default=None, help="TrainConfig fields as JSON")
-    t.add_argument("--download", action="store_true", default=None, help="download missing torchvision data")
+    t.add_argument("--config", metavar="FILE", default=None,
+                   help="start from the TrainConfig fields of a JSON file (the seed's schedule for the others)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     e = sub.add_parser("eval", help="re-evaluate best.pt of a run on the test set and print the report")
-    e.add_argument("run_dir")
-    e.add_argument("--device", default=None)
+    e.add_argument("run_dir", help="a run directory, or a directory of runs (seed-*/) to report as mean ± std")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
+    e.add_argument("--bn-calibration", type=int, default=None, metavar="N",
+                   help="training images for each row's BatchNorm statistics, 0: those of training "
+                        "(default: the run's)")
     x = sub.add_parser("export", help="write slim.pt and slim.ts of a run's best.pt")
-    x.add_argument("run_dir")
+    x.add_argument("run_dir", help="a run directory")
     return p
 
 
@@ -78,8 +105,7 @@ def config_of(args) -> TrainConfig:
         values = dict(values)
     else:
         values = dict(SMALL)
-    for key in ("dataset", "data_root", "model", "mode", "epochs", "batch_size", "lr", "optimizer", "population",
-                "freeze_after", "patience", "p_init", "seed", "device", "run_dir", "download", "limit_batches"):
+    for key in (f.name for f in fields(TrainConfig)):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -110,9 +136,9 @@ def run(args) -> int:
         raise RunError(f"{run_dir}: no such run directory")
     if args.command == "eval":
         if training.seed_dirs(run_dir) and not (run_dir / "best.pt").exists():
-            training.aggregate(run_dir, reevaluate=True, device=args.device)
+            training.aggregate(run_dir, reevaluate=True, device=args.device, bn_calibration=args.bn_calibration)
         else:
-            training.report(run_dir, device=args.device)
+            training.report(run_dir, device=args.device, bn_calibration=args.bn_calibration)
         return 0
     files = training.export(run_dir)
     for name, path in files.items():

@@ -13,6 +13,7 @@ A run directory holds
     best.pt          the same at the epoch of the best validation top-1
     report.md/json   the test-set report of best.pt (see ``report``)
     plots.png        loss, accuracy, population energy and kept fraction per epoch
+    original/        with compare_original: the run of the same network without EDropout
 
 Checkpoints are written to a temporary file in the same folder, flushed to disk and renamed over the old
 one, so a run killed at any instant leaves the last good checkpoint. ``train(config, resume=RUN_DIR)``
@@ -23,7 +24,8 @@ the EDropout controller's couplings); load only run directories you trust.
 
 Modes: ``edropout`` (the controller evolves the state, then freezes it), ``original`` (the same network
 without EDropout) and ``random`` (a random state keeping a fraction ``p_init`` of the units, fixed from
-the start).
+the start). With ``compare_original`` an edropout or random run first trains the original network with
+the same seed and schedule in <run_dir>/original/, and its report adds that network's rows.
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ from tqdm import tqdm
 
 from . import data, models
 from .controller import EDropout
+from .energies import EnergyLoss, IsingEnergy
 
 __all__ = ["TrainConfig", "RunError", "train", "train_runs", "report", "evaluate_run", "export", "plot"]
 
 MODES = ("edropout", "original", "random")
 OPTIMIZERS = ("adadelta", "sgd")
+ENERGIES = ("ising", "loss")
 RANDOM_KEPT = (25, 50, 75)  # the random-pruning rows of the report: % of prunable units kept
 
 
@@ -80,6 +84,10 @@ class TrainConfig:
     freeze_after: int = 100             # epochs before the state may freeze (early state convergence)
     patience: int = 100                 # steps without a change of the best state that freeze it
     p_init: float = 0.5
+    energy: str = "ising"               # "ising" (IsingEnergy) or "loss" (EnergyLoss, scored on each batch)
+    keep_rate: Optional[float] = None   # fraction of the prunable units every state keeps; None: the energy decides
+    compare_original: bool = False      # also train mode original (same seed) in <run_dir>/original for the report
+    bn_calibration: int = 2048          # report: training images that re-estimate BatchNorm statistics per row (0: off)
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     run_dir: Optional[str] = None       # None: runs/<dataset>-<model>-<mode>-<timestamp>
@@ -106,6 +114,15 @@ def check_config(config: TrainConfig) -> None:
         raise RunError(f"mode must be one of {', '.join(MODES)}; got {config.mode!r}")
     if config.optimizer not in OPTIMIZERS:
         raise RunError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {config.optimizer!r}")
+    if config.energy not in ENERGIES:
+        raise RunError(f"energy must be one of {', '.join(ENERGIES)}; got {config.energy!r}")
+    if config.keep_rate is not None and not 0.0 < config.keep_rate <= 1.0:
+        raise RunError(f"keep_rate must be in (0, 1] or None; got {config.keep_rate!r}")
+    if config.compare_original and config.mode == "original":
+        raise RunError("compare_original needs mode edropout or random (mode original is the comparison)")
+    if isinstance(config.bn_calibration, bool) or not isinstance(config.bn_calibration, int) \
+            or config.bn_calibration < 0:
+        raise RunError(f"bn_calibration must be a number of images >= 0; got {config.bn_calibration!r}")
     for name in ("batch_size", "epochs", "lr_step", "patience"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -225,8 +242,10 @@ def build_network(config: TrainConfig, in_channels: int, num_classes: int):
     model = models.build(config.model, in_channels, num_classes).to(config.device)
     if config.mode == "original":
         return model, None
-    ed = EDropout(model, population=config.population, p_init=config.p_init, freeze_after=config.freeze_after,
-                  patience=config.patience, seed=config.seed)
+    energy = EnergyLoss() if config.energy == "loss" else IsingEnergy()
+    ed = EDropout(model, energy=energy, population=config.population, p_init=config.p_init,
+                  keep_rate=config.keep_rate if config.mode == "edropout" else None,
+                  freeze_after=config.freeze_after, patience=config.patience, seed=config.seed)
     if config.mode == "random":  # a random state, fixed from the start: pruning at initialisation
         generator = torch.Generator().manual_seed(config.seed)
         state = torch.rand(ed.units.num_units, generator=generator) < config.p_init
@@ -294,9 +313,10 @@ def population_stats(ed: Optional[EDropout]) -> dict:
 
 
 # -- training ------------------------------------------------------------------------------------------------
-def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False) -> Path:
+def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False, print_report: bool = True) -> Path:
     """Train ``config`` (a new run directory), or continue the run in ``resume``; returns the run directory.
-    ``quiet``: no progress bars or per-epoch lines (the final report is printed still).
+    ``quiet``: no progress bars or per-epoch lines (the final report is printed still, unless not
+    ``print_report``).
 
     On resume the run's own config.json is used (``config``, when given, only sets the device)."""
     # 1. configuration and run directory
@@ -325,6 +345,8 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
     train_loader_args = dict(batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
                              drop_last=False)
     val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
+    if config.compare_original:
+        train_original(config, run_dir, quiet)
 
     # 3. network, EDropout, optimiser and schedule
     model, ed = build_network(config, splits.in_channels, splits.num_classes)
@@ -396,9 +418,25 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
         save_checkpoint(checkpoint, run_dir / "last.pt")
 
     # 5. report and plots
-    report(run_dir, splits=splits)  # printed even when quiet: the run's result
+    report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
     plot(run_dir)
     return run_dir
+
+
+def train_original(config: TrainConfig, run_dir: Path, quiet: bool) -> Path:
+    """The comparison of a ``compare_original`` run: the same network, seed and schedule without EDropout,
+    in <run_dir>/original (trained, finished if it was interrupted, or left as it is when done). Its
+    initial weights and data order are those of the EDropout run (both come from the seed alone)."""
+    sub_dir = Path(run_dir) / "original"
+    if (sub_dir / "report.json").is_file():
+        return sub_dir
+    if not quiet:
+        print(f"training the original network for comparison in {sub_dir}")
+    if (sub_dir / "config.json").is_file():
+        return train(TrainConfig(device=config.device), resume=sub_dir, quiet=quiet, print_report=False)
+    sub = TrainConfig.from_dict({**asdict(config), "mode": "original", "compare_original": False,
+                                 "run_dir": str(sub_dir)})
+    return train(sub, quiet=quiet, print_report=False)
 
 
 def restore(checkpoint: dict, model, ed, optimizer=None, scheduler=None, path="checkpoint") -> None:
@@ -440,16 +478,81 @@ def random_state(ed: EDropout, percent: float, seed: int) -> torch.Tensor:
     return state
 
 
-def magnitude_state(ed: EDropout, count: int) -> torch.Tensor:
-    """The state keeping the ``count`` prunable units of largest kernel L2 norm over the whole network."""
-    norms = torch.full((ed.units.num_units,), -1.0)
-    for layer in ed.units:
-        if not layer.always_kept:
-            norms[layer.start:layer.stop] = layer.kernels().float().norm(dim=1).cpu()
+def magnitude_state(ed: EDropout, reference: torch.Tensor) -> torch.Tensor:
+    """Magnitude pruning at ``reference``'s size (a state, [D]): in each layer, as many units as
+    ``reference`` keeps there, those of largest kernel L2 norm. Per layer, because kernel norms of
+    different layers are not comparable (a conv kernel has 9·C weights, a Linear column one per class):
+    ranked over the whole network, the classifier's inputs would be the first to go."""
+    reference = reference.cpu().bool()
     state = ed.always_kept.cpu().clone()
-    prunable = torch.nonzero(~state).flatten()
-    state[prunable[norms[prunable].topk(count).indices]] = True
+    for layer in ed.units:
+        if layer.always_kept:
+            continue
+        count = int(reference[layer.start:layer.stop].sum())
+        norms = layer.kernels().float().norm(dim=1).cpu()
+        state[layer.start + norms.topk(count).indices] = True
     return state
+
+
+def calibration_loader(dataset, images: int) -> DataLoader:
+    """Training images in a fixed random order, in whole batches of up to 128 (a short last batch would
+    weigh as much as a full one in the average): ``calibration_count`` of them."""
+    batch_size = max(1, min(128, len(dataset), images))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def calibration_count(size: int, images: int) -> int:
+    """How many of a training set of ``size`` images ``calibrated_batchnorm`` reads for ``images``."""
+    if images <= 0:
+        return 0
+    batch_size = max(1, min(128, size, images))
+    return min(-(-images // batch_size), size // batch_size) * batch_size
+
+
+@contextlib.contextmanager
+def calibrated_batchnorm(model: nn.Module, dataset, images: int, device, ed: Optional[EDropout] = None):
+    """Within the context, ``model``'s BatchNorm layers use running statistics re-estimated (an equal-weight
+    average over batches) on ``images`` training images, the network running as it does when the context is
+    entered (with whatever state is applied); the statistics of training are restored on exit.
+
+    Statistics gathered in training describe the network as it was trained, with its masks. A row of the
+    report that applies another state (every unit, a random or magnitude state) changes what each
+    BatchNorm sees; without re-estimating, its running statistics are those of another network (EDropout(F)
+    scored chance on digits that way). ``images`` = 0 keeps the training statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if images <= 0 or not norms:
+        yield
+        return
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in norms]
+    was_training = model.training
+    collect = ed.masks.collect if ed is not None else None
+    try:
+        model.eval()  # dropout layers stay off; only the BatchNorm layers gather statistics
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        if ed is not None:
+            ed.masks.collect = False  # the units' activity is a training statistic
+        seen = 0
+        with torch.no_grad():
+            for inputs, _ in calibration_loader(dataset, images):
+                model(inputs.to(device))
+                seen += inputs.shape[0]
+                if seen >= images:
+                    break
+        model.eval()
+        yield
+    finally:
+        for m, (mean, var, count, momentum) in zip(norms, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+        if ed is not None:
+            ed.masks.collect = collect
+        model.train(was_training)
 
 
 def _row(name: str, metrics: dict, percent: float, params: int) -> dict:
@@ -457,18 +560,28 @@ def _row(name: str, metrics: dict, percent: float, params: int) -> dict:
             "top5": metrics["top5"], "R": percent, "params": params}
 
 
-def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None) -> List[dict]:
-    """The report's rows: best.pt of ``run_dir`` evaluated on the test set.
+def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
+                 bn_calibration: Optional[int] = None) -> List[dict]:
+    """The report's rows: best.pt of ``run_dir`` evaluated on the test set, each row with BatchNorm
+    statistics re-estimated for it on ``bn_calibration`` training images (None: the run's config).
 
     edropout / random: the network with every unit (EDropout(F)), with its state (EDropout(P)), with random
-    states keeping 25/50/75 % of the prunable units, and with the units of largest kernel L2 norm, as many
-    as its state keeps (magnitude pruning, "Deep Compression"). original: the network."""
+    states keeping 25/50/75 % of the prunable units, and magnitude pruning with as many units per layer
+    as its state keeps ("Magnitude"); with compare_original also, first, the original network trained
+    beside it ("Original") and, last, magnitude pruning of that network at the same size ("Magnitude
+    (Original)"). original: the network."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if device is not None:
         config.device = device
     check_config(config)
+    calibration = config.bn_calibration if bn_calibration is None else bn_calibration
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
+        raise RunError(f"bn_calibration must be a number of images >= 0; got {calibration!r}")
     checkpoint = load_checkpoint(run_dir / "best.pt", config.device)
+    original = None
+    if config.compare_original:
+        original = load_checkpoint(run_dir / "original" / "best.pt", config.device)
     splits = splits or load_data(config)
     meta = checkpoint["meta"]
     if (meta["in_channels"], meta["num_classes"]) != (splits.in_channels, splits.num_classes):
@@ -479,28 +592,34 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None) -> 
     loader = DataLoader(splits.test, batch_size=256, num_workers=config.num_workers)
     device = torch.device(config.device)
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if ed is None:
-        return [_row("Original", evaluate(model, loader, device), 100.0, total)]
 
-    label = "EDropout" if config.mode == "edropout" else f"Random({config.p_init:g})"
-    rows = []
-    with ed.full():
-        rows.append(_row(f"{label}(F)", evaluate(model, loader, device), 100.0, total))
-    with ed.pruned():
-        percent, params = ed.kept_parameters()
-        rows.append(_row(f"{label}(P)", evaluate(model, loader, device), percent, params))
-    if config.mode != "edropout":
-        return rows
+    def measure():  # the network as it runs now (masks applied or not), its own BatchNorm statistics
+        with calibrated_batchnorm(model, splits.train, calibration, device, ed):
+            return evaluate(model, loader, device)
+
+    if ed is None:
+        return [_row("Original", measure(), 100.0, total)]
 
     def state_row(name, state):
         with applied_state(ed, state):
             percent, kept = ed.kept_parameters()
-            return _row(name, evaluate(model, loader, device), percent, kept)
+            return _row(name, measure(), percent, kept)
 
-    for percent in RANDOM_KEPT:
-        rows.append(state_row(f"Random {percent}%", random_state(ed, percent, config.seed)))
-    kept_units = int((ed.state.cpu().bool() & ~ed.always_kept.cpu()).sum())
-    rows.append(state_row("Magnitude", magnitude_state(ed, kept_units)))
+    label = "EDropout" if config.mode == "edropout" else f"Random({config.p_init:g})"
+    rows = []
+    with ed.full():
+        rows.append(_row(f"{label}(F)", measure(), 100.0, total))
+    state = ed.state.cpu().clone()
+    rows.append(state_row(f"{label}(P)", state))
+    if config.mode == "edropout":
+        for percent in RANDOM_KEPT:
+            rows.append(state_row(f"Random {percent}%", random_state(ed, percent, config.seed)))
+        rows.append(state_row("Magnitude", magnitude_state(ed, state)))
+    if original is not None:
+        restore(original, model, None, path=run_dir / "original" / "best.pt")
+        with ed.full():
+            rows.insert(0, _row("Original", measure(), 100.0, total))
+        rows.append(state_row("Magnitude (Original)", magnitude_state(ed, state)))
     return rows
 
 
@@ -523,25 +642,37 @@ def format_table(rows: List[dict], spread: Optional[List[dict]] = None) -> str:
     return "\n".join(lines)
 
 
-def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bool = False) -> dict:
-    """Evaluate best.pt on the test set, write report.md and report.json, print the table; returns the report."""
+def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bool = False,
+           bn_calibration: Optional[int] = None) -> dict:
+    """Evaluate best.pt on the test set, write report.md and report.json, print the table; returns the report.
+    ``bn_calibration``: training images per row for BatchNorm statistics (None: the run's config)."""
     run_dir = Path(run_dir)
-    rows = evaluate_run(run_dir, splits, device)
     config = read_config(run_dir)
+    splits = splits or load_data(config)
+    rows = evaluate_run(run_dir, splits, device, bn_calibration)
+    calibration = calibration_count(len(splits.train), config.bn_calibration if bn_calibration is None
+                                    else bn_calibration)
     metrics = read_metrics(run_dir)
     best = max(metrics, key=lambda m: m["val_top1"]) if metrics else None
     result = {"run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "mode": config.mode,
               "seed": config.seed, "epochs": len(metrics), "best_epoch": best["epoch"] if best else None,
-              "best_val_top1": best["val_top1"] if best else None, "rows": rows}
+              "best_val_top1": best["val_top1"] if best else None, "bn_calibration": calibration, "rows": rows}
     text = (f"# {config.dataset} / {config.model} / {config.mode} (seed {config.seed})\n\n"
             f"Test set, best.pt (epoch {result['best_epoch']} of {len(metrics)}, validation top-1 "
-            f"{result['best_val_top1']:.2f} %). R: % of trainable parameters kept; #p: their number.\n\n"
+            f"{result['best_val_top1']:.2f} %{', Original: best.pt of original/' if config.compare_original else ''}). "
+            f"{calibration_note(calibration)} R: % of trainable parameters kept; #p: their number.\n\n"
             + format_table(rows) + "\n")
     write_text(run_dir / "report.json", json.dumps(result, indent=2) + "\n")
     write_text(run_dir / "report.md", text)
     if not quiet:
         print(text)
     return result
+
+
+def calibration_note(images: int) -> str:
+    if images == 0:
+        return "BatchNorm statistics as gathered in training."
+    return f"BatchNorm statistics re-estimated for each row (its own state) on {images} training images."
 
 
 # -- several seeds -------------------------------------------------------------------------------------------
@@ -569,13 +700,14 @@ def seed_dirs(run_dir: Path) -> List[Path]:
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None) -> dict:
+def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None,
+              bn_calibration: Optional[int] = None) -> dict:
     """Mean ± std (over seeds) of the report rows of each run under ``parent``; writes report.md/json."""
     parent = Path(parent)
     reports = []
     for sub in seed_dirs(parent):
         if reevaluate or not (sub / "report.json").is_file():
-            reports.append(report(sub, device=device, quiet=True))
+            reports.append(report(sub, device=device, quiet=True, bn_calibration=bn_calibration))
         else:
             reports.append(json.loads((sub / "report.json").read_text()))
     if not reports:
@@ -587,9 +719,10 @@ def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None
         std.append({"method": row["method"], **{k: float(v.std(unbiased=False)) for k, v in values.items()}})
     seeds = [r["seed"] for r in reports]
     result = {"run_dir": str(parent), "seeds": seeds, "rows": mean, "std": std, "runs": reports}
+    note = calibration_note(reports[0].get("bn_calibration", 0))
     text = (f"# {reports[0]['dataset']} / {reports[0]['model']} / {reports[0]['mode']}: {len(reports)} runs "
-            f"(seeds {', '.join(map(str, seeds))})\n\nTest set, best.pt of each run, mean ± std. "
-            "R: % of trainable parameters kept; #p: their number.\n\n" + format_table(mean, std) + "\n")
+            f"(seeds {', '.join(map(str, seeds))})\n\nTest set, best.pt of each run, mean ± std over runs. "
+            f"{note} R: % of trainable parameters kept; #p: their number.\n\n" + format_table(mean, std) + "\n")
     write_text(parent / "report.json", json.dumps(result, indent=2) + "\n")
     write_text(parent / "report.md", text)
     if not quiet:

@@ -83,7 +83,7 @@ def test_run_directory_and_report(tmp_path, tiny):
     ed_state = checkpoint["edropout"]["mask"]
     model, ed = training.build_network(tiny_config(run_dir), 1, 10)
     training.restore(checkpoint, model, ed)
-    magnitude = training.magnitude_state(ed, int((ed.state.bool() & ~ed.always_kept).sum()))
+    magnitude = training.magnitude_state(ed, ed.state)
     assert int(magnitude.sum()) == int(ed_state.sum())
     md = (run_dir / "report.md").read_text()
     assert "| EDropout(P) |" in md and "| Magnitude |" in md
@@ -266,3 +266,139 @@ def test_several_seeds_report_mean_and_std(tmp_path, tiny):
     result = json.loads((parent / "report.json").read_text())
     assert result["seeds"] == [0, 1] and len(result["rows"]) == len(result["std"]) == 6
     assert "±" in (parent / "report.md").read_text()
+
+
+def test_magnitude_state_keeps_each_layers_count_by_norm(tiny, gen):
+    model = models.build("tiny", 1, 10)
+    from edropout import EDropout
+    ed = EDropout(model)
+    reference = (torch.rand(ed.units.num_units, generator=gen) < 0.4) | ed.always_kept
+    state = training.magnitude_state(ed, reference)
+    for layer in ed.units:
+        kept, ref = state[layer.start:layer.stop], reference[layer.start:layer.stop]
+        if layer.always_kept:
+            assert kept.all()
+            continue
+        # as many units per layer as the reference (ranked over the network, the classifier's 16 inputs,
+        # Linear columns of 10 weights, would all go before any conv kernel of 72 or 9 weights)
+        assert int(kept.sum()) == int(ref.sum()), layer.name
+        norms = layer.kernels().norm(dim=1)
+        if kept.any() and (~kept).any():
+            assert norms[kept].min() >= norms[~kept].max(), layer.name
+
+
+def _masked_statistics_model(gen):
+    """The tiny network whose BatchNorm statistics were gathered with half of its units dropped."""
+    from edropout import EDropout
+    model = models.build("tiny", 1, 10)
+    ed = EDropout(model)
+    state = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept
+    ed.masks.mask.copy_(state.float())
+    ed.freeze()
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(torch.rand(64, 1, 8, 8, generator=gen))
+    return model, ed
+
+
+def test_full_network_evaluated_with_its_own_batchnorm_statistics(tiny, gen):
+    # EDropout(F) is the network with every unit: in eval mode it must equal the same weights without
+    # EDropout's hooks, both with BatchNorm statistics of the full network (not of the masked one)
+    from edropout.slim import _copy_without_hooks
+    model, ed = _masked_statistics_model(gen)
+    plain = _copy_without_hooks(model)
+    images = torch.rand(256, 1, 8, 8, generator=gen)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(256, dtype=torch.long))
+    x = torch.rand(32, 1, 8, 8, generator=gen)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        with ed.full():
+            stale = model(x)
+            with training.calibrated_batchnorm(model, dataset, 256, "cpu", ed):
+                full = model(x)
+                assert not model.training and not ed.masks.collect
+        with training.calibrated_batchnorm(plain, dataset, 256, "cpu"):
+            expected = plain(x)
+    torch.testing.assert_close(full, expected)
+    assert (stale - expected).abs().max() > 1e-3  # the masked statistics do not describe the full network
+    for k, v in model.state_dict().items():  # the statistics of training are back
+        assert torch.equal(v, trained[k]), k
+    # the second BatchNorm's running mean is the mean over the calibration batches of its input
+    with training.calibrated_batchnorm(plain, dataset, 256, "cpu"):
+        means = []
+        for batch, _ in training.calibration_loader(dataset, 256):
+            h = plain[:3].train()(batch)
+            means.append(plain[3](h).mean(dim=(0, 2, 3)))
+        plain.eval()
+        torch.testing.assert_close(plain[4].running_mean, torch.stack(means).mean(0))
+
+
+def test_calibration_count():
+    assert training.calibration_count(1258, 2048) == 1152  # whole batches of 128
+    assert training.calibration_count(1258, 256) == 256
+    assert training.calibration_count(1258, 200) == 256
+    assert training.calibration_count(50, 2048) == 50
+    assert training.calibration_count(1258, 0) == 0
+
+
+def test_compare_original_trains_the_original_beside(tmp_path, tiny):
+    config = tiny_config(tmp_path / "both", epochs=1, limit_batches=3)
+    both = training.train(TrainConfig(**{**asdict(config), "compare_original": True}), quiet=True)
+    alone = training.train(tiny_config(tmp_path / "alone", epochs=1, limit_batches=3), quiet=True)
+    original = training.train(tiny_config(tmp_path / "orig", epochs=1, limit_batches=3, mode="original"), quiet=True)
+    assert json.loads((both / "original" / "config.json").read_text())["mode"] == "original"
+    rows = json.loads((both / "report.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["Original", "EDropout(F)", "EDropout(P)", "Random 25%", "Random 50%",
+                                           "Random 75%", "Magnitude", "Magnitude (Original)"]
+    # the original beside is the original trained alone; the EDropout run is the one trained alone
+    assert rows[0] == json.loads((original / "report.json").read_text())["rows"][0]
+    assert rows[1:-1] == json.loads((alone / "report.json").read_text())["rows"]
+    # (magnitude keeps EDropout's count per layer; R may still differ where a conv channel feeds a Linear input)
+    assert 0 < rows[-1]["R"] < 100
+    # finished: a resume leaves it as it is and re-reports the same rows
+    training.train(None, resume=both, quiet=True, print_report=False)
+    assert json.loads((both / "report.json").read_text())["rows"] == rows
+
+
+def test_cli_bad_new_options(tmp_path, capsys):
+    from edropout.cli import main
+    for args, word in ((["--energy", "spin"], "energy"), (["--keep-rate", "1.5"], "keep_rate"),
+                       (["--bn-calibration", "-1"], "bn_calibration"),
+                       (["--mode", "original", "--compare-original"], "compare_original")):
+        assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_config_field_has_a_flag():
+    from dataclasses import fields
+    from edropout.cli import parser
+    train_parser = parser()._subparsers._group_actions[0].choices["train"]
+    flags = {option for action in train_parser._actions for option in action.option_strings}
+    for field in fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in flags, field.name
+
+
+def _readme_flags(command):
+    """The flags in the README's table for ``edropout <command>`` (first column, `--flag ...`)."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"<!-- flags: {command} -->")
+    table = text[start:text.index("\n\n", text.index("|", start))]
+    return {m.group(1) for m in re.finditer(r"^\| `(--[a-z-]+|[A-Z_]+)", table, re.M)}
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+def test_readme_documents_every_flag(command):
+    from edropout.cli import parser
+    sub = parser()._subparsers._group_actions[0].choices[command]
+    flags = set()
+    for action in sub._actions:
+        if action.option_strings:
+            flags.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
+        else:
+            flags.add(action.dest.upper())
+    assert _readme_flags(command) == flags
