@@ -4,12 +4,15 @@
     python -m edropout train --resume RUN_DIR
     python -m edropout eval RUN_DIR        re-evaluate best.pt on the test set and print the report
     python -m edropout export RUN_DIR      write slim.pt (slimmed network) and slim.ts (TorchScript)
+    torchrun --nproc_per_node N -m edropout train [options]     the same on N processes (DDP)
 
 Without ``--config``, ``train`` starts from a small schedule (``SMALL``: ResNet-18 at 32x32, 15 epochs,
 batch 64, the state free to freeze from epoch 8 after 50 unchanged steps, the learning rate divided by 10
 at epoch 12), which finishes in a few minutes on a 2-core CPU. ``--config FILE`` starts from the
 TrainConfig fields of a JSON file instead (the seed's schedule for fields it leaves out), and options
-given on the command line override either. Bad input prints one line on stderr and exits with code 2.
+given on the command line override either. Bad input prints one line on stderr and exits with code 2; a
+process of a multi-process job that loses the others (one died or stopped answering for ``--dist-timeout``
+seconds) prints one line naming its rank and exits with code 1.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from .distributed import ProcessGroupFailure, RanksDisagree
 from .train import RunError, TrainConfig
 
 SMALL = dict(epochs=15, batch_size=64, freeze_after=8, patience=50, lr_step=12)
@@ -51,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
         ("--device", str, "cpu or cuda (default: cuda when available)"),
         ("--run-dir", str, "run directory (default runs/<dataset>-<model>-<mode>-<time>)"),
         ("--limit-batches", int, "at most this many training batches per epoch (quick checks)"),
+        ("--dist-timeout", int, "several processes (torchrun): seconds a process waits for the others before it "
+                                "fails (default 600)"),
     )
     for flag, kind, help_text in options:
         t.add_argument(flag, type=kind, default=None, help=help_text)
@@ -79,7 +85,8 @@ def config_of(args) -> TrainConfig:
     else:
         values = dict(SMALL)
     for key in ("dataset", "data_root", "model", "mode", "epochs", "batch_size", "lr", "optimizer", "population",
-                "freeze_after", "patience", "p_init", "seed", "device", "run_dir", "download", "limit_batches"):
+                "freeze_after", "patience", "p_init", "seed", "device", "run_dir", "download", "limit_batches",
+                "dist_timeout"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -100,6 +107,8 @@ def run(args) -> int:
             config = training.read_config(run_dir)
             if args.device is not None:
                 config.device = args.device
+            if args.dist_timeout is not None:
+                config.dist_timeout = args.dist_timeout
             training.train(config, resume=run_dir, quiet=args.quiet)
         else:
             config = config_of(args)
@@ -127,6 +136,9 @@ def main(argv=None) -> int:
     except RunError as e:
         sys.stderr.write(f"edropout: {e}\n")
         return 2
+    except (ProcessGroupFailure, RanksDisagree) as e:
+        sys.stderr.write(f"edropout: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("edropout: interrupted; resume with --resume RUN_DIR\n")
         return 130
