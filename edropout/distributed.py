@@ -110,7 +110,7 @@ def _is_communication_failure(error: BaseException) -> bool:
     if isinstance(error, dist.DistError):
         return True
     text = str(error).lower()
-    return any(word in text for word in ("gloo", "nccl", "timed out", "connection"))
+    return any(word in text for word in ("gloo", "nccl", "timeout", "timed out", "connection", "closed"))
 
 
 @contextlib.contextmanager
@@ -144,6 +144,6 @@ def launched(device: str, timeout_s: float) -> Iterator[torch.device]:
             raise
         raise ProcessGroupFailure(
             f"rank {dist.get_rank()} of {world}: lost the other processes ({_first_line(e)}); one of them failed "
-            f"or stopped answering for {timeout_s:g} s: its own output has the cause") from None
+            f"or did not answer within {timeout_s:g} s, and its own output says why") from None
     finally:
         dist.destroy_process_group()
