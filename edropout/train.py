@@ -21,6 +21,10 @@ generator seeded with (seed, e), and the global RNG states are restored; a run k
 that epoch. Checkpoints are this package's own files and are read with ``weights_only=False`` (they hold
 the EDropout controller's couplings); load only run directories you trust.
 
+Several processes (``torchrun --nproc_per_node N -m edropout train``, WORLD_SIZE > 1): every process runs
+the same routine on its share of each global batch under DistributedDataParallel (``train_processes``);
+they hold the same weights and EDropout state, and rank 0 alone writes the run directory.
+
 Modes: ``edropout`` (the controller evolves the state, then freezes it), ``original`` (the same network
 without EDropout) and ``random`` (a random state keeping a fraction ``p_init`` of the units, fixed from
 the start).
@@ -257,7 +261,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def epoch_loader(dataset, config: TrainConfig, epoch: int) -> DataLoader:
     """The training batches of epoch ``epoch``, the same whether or not the run was resumed.
 
-    Several processes: DistributedSampler's order for (seed, epoch), rank r taking every N-th sample, so
+    Several processes: DistributedSampler's order for seed * 1000003 + epoch, rank r taking every N-th sample, so
     each global batch of ``batch_size`` is the same set of samples for any number N of processes (one
     process shuffles with ``epoch_generator`` instead). Each rank's global RNG (augmentation, dropout
     layers) is seeded from (seed, epoch, rank): the ranks draw differently, and a resumed epoch the same."""
@@ -266,7 +270,9 @@ def epoch_loader(dataset, config: TrainConfig, epoch: int) -> DataLoader:
                           generator=epoch_generator(config.seed, epoch))
     world, rank = distributed.world_size(), distributed.rank()
     torch.manual_seed((config.seed * 1_000_003 + epoch) * 4099 + rank)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=False)
+    # DistributedSampler seeds epoch e with seed + e: spread the runs' seeds apart as epoch_generator does
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed * 1_000_003,
+                                 drop_last=False)
     sampler.set_epoch(epoch)
     return DataLoader(dataset, batch_size=config.batch_size // world, sampler=sampler, num_workers=config.num_workers)
 
@@ -357,13 +363,13 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
     several, rank0, world = distributed.active(), distributed.rank() == 0, distributed.world_size()
     if config.batch_size % world:
         raise RunError(f"batch_size {config.batch_size} (the global batch) must be divisible by the {world} processes")
-    # 1. run directory and checkpoint
+    # 1. the checkpoint to continue from
     checkpoint = None
     if resume is not None:
         run_dir = Path(resume)
         checkpoint = load_checkpoint(run_dir / "last.pt", device) if (run_dir / "last.pt").exists() else None
 
-    # 2. data (before the run directory exists, so that missing data leaves nothing behind)
+    # 2. data, then the run directory (so that missing data leaves nothing behind); rank 0 creates it
     if several and config.download:  # one process downloads, the others then read what it wrote
         on_rank0(lambda: load_data(config).num_classes)
     splits = load_data(config)
