@@ -15,6 +15,7 @@ variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for ``edropout
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from datetime import timedelta
 from typing import Any, Iterator, Sequence, Tuple
@@ -146,4 +147,9 @@ def launched(device: str, timeout_s: float) -> Iterator[torch.device]:
             f"rank {dist.get_rank()} of {world}: lost the other processes ({_first_line(e)}); one of them failed "
             f"or did not answer within {timeout_s:g} s, and its own output says why") from None
     finally:
+        # Free what the block left in reference cycles (DistributedDataParallel's reducer holds the group's
+        # pending work and tensors) while the group and the interpreter live: freed at interpreter exit
+        # instead, gloo's threads abort the process now and then ("terminate called without an active
+        # exception").
+        gc.collect()
         dist.destroy_process_group()
