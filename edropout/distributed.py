@@ -86,8 +86,8 @@ def check_same_on_all_ranks(parts: Sequence[Tuple[str, Tensor]], step: int) -> N
     start = 0
     for name, checksum in parts:
         if not bool(agree[start:start + checksum.numel()].all()):
-            raise RanksDisagree(f"rank {rank()}: EDropout: the {world_size()} ranks disagree on the {name} at step {step}: "
-                                "something a rank computed from its own batch reached selection unaveraged")
+            raise RanksDisagree(f"rank {rank()}: EDropout: the {world_size()} ranks disagree on the {name} at step "
+                                f"{step}: something a rank computed from its own batch reached selection unaveraged")
         start += checksum.numel()
 
 

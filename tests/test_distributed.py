@@ -1,7 +1,13 @@
 """EDropout over several processes: 2 CPU processes on the gloo backend.
 
 The processes are started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in
-the environment): by torchrun itself for the ``edropout train`` runs, directly for the rest (faster).
+the environment): by torchrun itself for an ``edropout train`` run, directly for the rest (faster). Every
+multi-process job runs with EDROPOUT_CHECK_RANKS=1, so the ranks' states are compared at every step. The
+network, data and controller of distributed_worker.py are seeded from the run's seed (conftest).
+
+What is compared with one process, and how exactly: the states (best state at every step, the final
+population) are equal; energies and weights are equal to float rounding (rtol 1e-4), since two half-batch
+means averaged are not bit for bit one mean over the batch, nor DDP's averaged gradients one mean gradient.
 """
 
 import json
@@ -201,6 +207,18 @@ raise SystemExit(main(sys.argv[1:]))
     assert procs[0].returncode == 1, stderr[-3000:]
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edropout: rank 0 of 2: lost the other processes"), stderr[-3000:]
+
+
+def test_a_process_group_that_cannot_start_is_one_line(tmp_path, monkeypatch, capsys):
+    from edropout.cli import main
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--device", "cpu", "--run-dir", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("edropout: process group (gloo, WORLD_SIZE=2) could not start: ") and "MASTER_ADDR" in error
+    assert error.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_batch_not_divisible_by_the_processes(tmp_path, tiny, monkeypatch):  # noqa: F811
