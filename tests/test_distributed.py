@@ -30,7 +30,7 @@ from test_train import TINY, tiny, tiny_config  # noqa: F401  (tiny: the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun command, wherever its script is
 MAIN = TINY + "\nimport sys\nfrom edropout.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
 
 
@@ -144,7 +144,7 @@ def torchrun(script_dir, *args, timeout=120):
     script = Path(script_dir) / "edropout_tiny.py"  # the edropout command with the tests' tiny network
     script.write_text(MAIN)
     env = {**os.environ, "EDROPOUT_CHECK_RANKS": "1"}
-    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), *args], cwd=ROOT,
+    return subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -198,7 +198,7 @@ raise SystemExit(main(sys.argv[1:]))
     started = time.time()
     procs = start_ranks([sys.executable, "-c", code, "train", "--model", "tiny", "--epochs", "1", "--batch-size", "32",
                          "--limit-batches", "6", "--device", "cpu", "--run-dir", str(tmp_path / "run"), "--quiet",
-                         "--dist-timeout", "4"])
+                         "--dist-timeout", "5"])
     try:
         _, stderr = procs[0].communicate(timeout=60)
     finally:
