@@ -4,12 +4,15 @@
     python -m edropout train --resume RUN_DIR
     python -m edropout eval RUN_DIR        re-evaluate best.pt on the test set and print the report
     python -m edropout export RUN_DIR      write slim.pt (slimmed network) and slim.ts (TorchScript)
+    torchrun --nproc_per_node N -m edropout train [options]     the same on N processes (DDP)
 
 Without ``--config``, ``train`` starts from a small schedule (``SMALL``: ResNet-18 at 32x32, 15 epochs,
 batch 64, the state free to freeze from epoch 8 after 50 unchanged steps, the learning rate divided by 10
 at epoch 12), which finishes in about a minute on a 2-core CPU. ``--config FILE`` starts from the
 TrainConfig fields of a JSON file instead (the seed's schedule for fields it leaves out), and options
-given on the command line override either. Bad input prints one line on stderr and exits with code 2.
+given on the command line override either. Bad input prints one line on stderr and exits with code 2; a
+process of a multi-process job that loses the others (one died or stopped answering for ``--dist-timeout``
+seconds) prints one line naming its rank and exits with code 1.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .distributed import ProcessGroupFailure, RanksDisagree
 from .train import RunError, TrainConfig
 
 SMALL = dict(epochs=15, batch_size=64, freeze_after=8, patience=50, lr_step=12)
@@ -71,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
         ("--num-workers", int, "data loader worker processes (default 0)"),
         ("--run-dir", str, "run directory (default runs/<dataset>-<model>-<mode>-<time>)"),
         ("--limit-batches", int, "at most this many training batches per epoch (quick checks; default: all)"),
+        ("--dist-timeout", int, "several processes (torchrun): seconds a process waits for the others before it "
+                                "fails (default 600)"),
     )
     for flag, kind, help_text in options:
         if kind is bool:
@@ -126,6 +132,8 @@ def run(args) -> int:
             config = training.read_config(run_dir)
             if args.device is not None:
                 config.device = args.device
+            if args.dist_timeout is not None:
+                config.dist_timeout = args.dist_timeout
             training.train(config, resume=run_dir, quiet=args.quiet)
         else:
             config = config_of(args)
@@ -153,6 +161,9 @@ def main(argv=None) -> int:
     except RunError as e:
         sys.stderr.write(f"edropout: {e}\n")
         return 2
+    except (ProcessGroupFailure, RanksDisagree) as e:
+        sys.stderr.write(f"edropout: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("edropout: interrupted; resume with --resume RUN_DIR\n")
         return 130

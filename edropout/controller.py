@@ -16,17 +16,24 @@ for ``patience`` steps, it is frozen: dropout has become pruning.
 Dropped units' weights are kept and get zero gradient from the loss; the optimiser's weight decay still
 shrinks them (and momentum keeps moving them for a while), as for any parameter without gradient, so a
 unit that comes back after a long absence starts from smaller weights.
+
+Several processes (DistributedDataParallel, ``torchrun``): build the controller on every rank with the same
+arguments, on the network or on its DDP wrapper, and call ``step`` on every rank. Every rank evolves the
+same trials (the random numbers are keyed by (seed, step)); what a rank computes from its own batch, the
+units' activity and a batch-dependent energy's scores, is averaged across the ranks before selection, so
+every rank applies the same state (see :mod:`edropout.distributed`). In one process none of this runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
 from .energies import Energy, IsingEnergy
 from .graph import conv_batchnorm_pairs
 from .masks import UnitMasks
@@ -54,12 +61,16 @@ class EDropout:
         patience: steps without a change of the best state after which it freezes.
         seed: the initial states' and the evolution's random seed.
         exclude: layers (names or modules) whose units are never dropped and not part of the state.
+        check_ranks: with several processes, compare a checksum of the population, its energies and the
+            applied state across the ranks at every step and raise ``RanksDisagree`` when they differ (one
+            small all_reduce per step; a debug mode). None: on when the environment variable
+            ``EDROPOUT_CHECK_RANKS`` is 1.
     """
 
     def __init__(self, model: nn.Module, energy: Optional[Energy] = None, population: int = 8,
                  p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
                  keep_rate: Optional[float] = None, freeze_after: Optional[int] = 100, patience: int = 100,
-                 seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = ()):
+                 seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None):
         if population < 4:
             raise ValueError(f"population must be at least 4 candidate states, got {population}")
         for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
@@ -72,6 +83,7 @@ class EDropout:
         if energy is not None and not isinstance(energy, Energy):
             raise ValueError(f"energy must be an edropout.energies.Energy, got {type(energy).__name__}")
 
+        model = distributed.unwrap(model)  # a DDP-wrapped network: its layers are the wrapped module's
         self.model = model
         self.units = prunable_units(model, exclude)
         self.masks = UnitMasks(model, self.units, conv_batchnorm_pairs(model))
@@ -83,6 +95,10 @@ class EDropout:
         self.keep_rate = keep_rate
         self.freeze_after, self.patience = freeze_after, int(patience)
         self.activity_every = 10  # training forwards between two samples of the units' activity
+        if check_ranks is None:
+            check_ranks = os.environ.get("EDROPOUT_CHECK_RANKS", "0") not in ("", "0")
+        self.check_ranks = bool(check_ranks)
+        self._checksum_weights: Optional[Tensor] = None
 
         generator = torch.Generator().manual_seed(self.seed)
         states = torch.rand(population, self.units.num_units, generator=generator) < p_init
@@ -105,13 +121,18 @@ class EDropout:
         batch = None if inputs is None else (inputs, targets)
         if self.energy.depends_on_batch and (inputs is None or targets is None):
             raise ValueError("step: this energy scores states on the batch; call step(inputs, targets)")
+        several = distributed.active()
         with torch.no_grad():
+            if several and self.masks.collect:  # the forward since the last step sampled this rank's batch
+                distributed.average_across_ranks_(self.masks.activity)
             self._refresh_if_due()
             K = self.population.shape[0]
             if self.energy.depends_on_batch:
                 trials = self._repair(ops.evolve(self.population, self.seed, self.steps, self.mutation,
                                                  self.crossover, self.always_kept), self.steps)
                 scores = self.energy(torch.cat([self.population, trials]), batch)
+                if several:  # scored on this rank's batch: the mean over the ranks is the global batch's
+                    distributed.average_across_ranks_(scores)
                 result = ops.select(self.population, scores[:K], trials, scores[K:])
             elif type(self.energy) is IsingEnergy and self.keep_rate is None:
                 result = ops.evolve_step(self.population, self.energies, self.energy.field, self.energy.couplings,
@@ -122,6 +143,8 @@ class EDropout:
                 result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
             self.population, self.energies, best = result
             self._apply(best)
+            if several and self.check_ranks:
+                self._check_ranks()
         self.steps += 1
         self.masks.collect = self.steps % self.activity_every == 0  # sample the activity of the next forward
         if self.freeze_after is not None and self.epoch >= self.freeze_after and self.steps % 10 == 0:
@@ -228,6 +251,19 @@ class EDropout:
                 self.energies = self.energy(self.population, None)
                 if first:
                     self._apply(torch.argmin(self.energies.nan_to_num(float("inf"))))
+
+    def _check_ranks(self) -> None:
+        """Checksums of the population, its energies and the applied state, compared across the ranks."""
+        if self._checksum_weights is None:  # a fixed random weight per unit: sum(state * weight) tells states apart
+            generator = torch.Generator().manual_seed(0x5EED)
+            weights = torch.randint(1, 2**31, (self.units.num_units,), generator=generator)
+            self._checksum_weights = weights.to(self.population.device)
+        w = self._checksum_weights
+        distributed.check_same_on_all_ranks([
+            ("population", (self.population.long() * w).sum(dim=1)),
+            ("population's energies", self.energies.float().view(torch.int32).long()),
+            ("applied state", (self.masks.mask.long() * w).sum().view(1)),
+        ], self.steps)
 
     def _apply(self, best: Tensor) -> None:
         best = best.clamp_min(0)  # -1 only when every energy is NaN

@@ -22,6 +22,10 @@ generator seeded with (seed, e), and the global RNG states are restored; a run k
 that epoch. Checkpoints are this package's own files and are read with ``weights_only=False`` (they hold
 the EDropout controller's couplings); load only run directories you trust.
 
+Several processes (``torchrun --nproc_per_node N -m edropout train``, WORLD_SIZE > 1): every process runs
+the same routine on its share of each global batch under DistributedDataParallel (``train_processes``);
+they hold the same weights and EDropout state, and rank 0 alone writes the run directory.
+
 Modes: ``edropout`` (the controller evolves the state, then freezes it), ``original`` (the same network
 without EDropout) and ``random`` (a random state keeping a fraction ``p_init`` of the units, fixed from
 the start). With ``compare_original`` an edropout or random run first trains the original network with
@@ -45,10 +49,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import data, models
+from . import data, distributed, models
 from .controller import EDropout
 from .energies import EnergyLoss, IsingEnergy
 
@@ -94,6 +99,7 @@ class TrainConfig:
     download: bool = False
     num_workers: int = 0
     limit_batches: Optional[int] = None  # at most this many training batches per epoch (quick checks, tests)
+    dist_timeout: int = 600             # several processes: seconds one waits for the others before failing
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -123,7 +129,7 @@ def check_config(config: TrainConfig) -> None:
     if isinstance(config.bn_calibration, bool) or not isinstance(config.bn_calibration, int) \
             or config.bn_calibration < 0:
         raise RunError(f"bn_calibration must be a number of images >= 0; got {config.bn_calibration!r}")
-    for name in ("batch_size", "epochs", "lr_step", "patience"):
+    for name in ("batch_size", "epochs", "lr_step", "patience", "dist_timeout"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RunError(f"{name} must be a positive integer; got {value!r}")
@@ -236,10 +242,11 @@ def load_data(config: TrainConfig) -> data.Splits:
         raise RunError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
-def build_network(config: TrainConfig, in_channels: int, num_classes: int):
-    """The network (initialised from ``seed``) and its EDropout controller (None for mode original)."""
+def build_network(config: TrainConfig, in_channels: int, num_classes: int, device=None):
+    """The network (initialised from ``seed``) on ``device`` (default ``config.device``) and its EDropout
+    controller (None for mode original)."""
     torch.manual_seed(config.seed)
-    model = models.build(config.model, in_channels, num_classes).to(config.device)
+    model = models.build(config.model, in_channels, num_classes).to(config.device if device is None else device)
     if config.mode == "original":
         return model, None
     energy = EnergyLoss() if config.energy == "loss" else IsingEnergy()
@@ -268,6 +275,25 @@ def build_optimizer(config: TrainConfig, model: nn.Module):
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The shuffling generator of epoch ``epoch``: the same order whether or not the run was resumed."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_loader(dataset, config: TrainConfig, epoch: int) -> DataLoader:
+    """The training batches of epoch ``epoch``, the same whether or not the run was resumed.
+
+    Several processes: DistributedSampler's order for seed * 1000003 + epoch, rank r taking every N-th sample, so
+    each global batch of ``batch_size`` is the same set of samples for any number N of processes (one
+    process shuffles with ``epoch_generator`` instead). Each rank's global RNG (augmentation, dropout
+    layers) is seeded from (seed, epoch, rank): the ranks draw differently, and a resumed epoch the same."""
+    if not distributed.active():
+        return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
+                          generator=epoch_generator(config.seed, epoch))
+    world, rank = distributed.world_size(), distributed.rank()
+    torch.manual_seed((config.seed * 1_000_003 + epoch) * 4099 + rank)
+    # DistributedSampler seeds epoch e with seed + e: spread the runs' seeds apart as epoch_generator does
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed * 1_000_003,
+                                 drop_last=False)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=config.batch_size // world, sampler=sampler, num_workers=config.num_workers)
 
 
 def rng_states() -> dict:
@@ -318,38 +344,71 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
     ``quiet``: no progress bars or per-epoch lines (the final report is printed still, unless not
     ``print_report``).
 
-    On resume the run's own config.json is used (``config``, when given, only sets the device)."""
-    # 1. configuration and run directory
+    On resume the run's own config.json is used (``config``, when given, only sets the device and
+    ``dist_timeout``). In a job of several processes (``torchrun``, WORLD_SIZE > 1) every process runs this:
+    see :func:`train_processes`."""
     if resume is not None:
-        run_dir = Path(resume)
-        stored = read_config(run_dir)
+        stored = read_config(Path(resume))
         if config is not None:
-            stored.device = config.device
+            stored.device, stored.dist_timeout = config.device, config.dist_timeout
         config = stored
-        check_config(config)
-        checkpoint = load_checkpoint(run_dir / "last.pt", config.device) if (run_dir / "last.pt").exists() else None
     else:
         config = config or TrainConfig()
-        check_config(config)
-        checkpoint = None
-    device = torch.device(config.device)
+    check_config(config)
+    with distributed.launched(config.device, config.dist_timeout) as device:
+        return train_processes(config, resume, quiet, device)
 
-    # 2. data (before the run directory exists, so that missing data leaves nothing behind)
+
+def on_rank0(make):
+    """``make()`` on rank 0 only; its result, or its RunError, on every rank (one process: ``make()``)."""
+    result = error = None
+    if distributed.rank() == 0:
+        try:
+            result = make()
+        except RunError as e:
+            error = str(e)
+    result, error = distributed.broadcast_from_rank0((result, error))
+    if error is not None:
+        raise RunError(error)
+    return result
+
+
+def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.device) -> Path:
+    """The run of :func:`train` (``config`` checked) in this process, one of ``distributed.world_size()``.
+
+    Several processes: DistributedDataParallel over the network, DistributedSampler over the training set;
+    ``batch_size`` is the global batch, each process loading batch_size / N samples of it; every process
+    holds the same weights and EDropout state, and rank 0 alone writes files. Checkpoints hold the global
+    state (network, optimiser, population, step), so a run resumes with any number of processes."""
+    several, rank0, world = distributed.active(), distributed.rank() == 0, distributed.world_size()
+    if config.batch_size % world:
+        raise RunError(f"batch_size {config.batch_size} (the global batch) must be divisible by the {world} processes")
+    # 1. the checkpoint to continue from
+    checkpoint = None
+    if resume is not None:
+        run_dir = Path(resume)
+        checkpoint = load_checkpoint(run_dir / "last.pt", device) if (run_dir / "last.pt").exists() else None
+
+    # 2. data, then the run directory (so that missing data leaves nothing behind); rank 0 creates it
+    if several and config.download:  # one process downloads, the others then read what it wrote
+        on_rank0(lambda: load_data(config).num_classes)
     splits = load_data(config)
     if resume is None:
-        run_dir = new_run_dir(config)
+        def make_run_dir():
+            run_dir = new_run_dir(config)
+            config.run_dir = str(run_dir)
+            write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+            return str(run_dir)
+        run_dir = Path(on_rank0(make_run_dir))
         config.run_dir = str(run_dir)
-        write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
-    if not quiet:
-        print(f"run {run_dir}: " + json.dumps(asdict(config)))
-    train_loader_args = dict(batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-                             drop_last=False)
+    if not quiet and rank0:
+        print(f"run {run_dir}: " + json.dumps(asdict(config)) + (f" ({world} processes)" if several else ""))
     val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
     if config.compare_original:
         train_original(config, run_dir, quiet)
 
     # 3. network, EDropout, optimiser and schedule
-    model, ed = build_network(config, splits.in_channels, splits.num_classes)
+    model, ed = build_network(config, splits.in_channels, splits.num_classes, device)
     optimizer, scheduler = build_optimizer(config, model)
     meta = {"in_channels": splits.in_channels, "num_classes": splits.num_classes, "config": asdict(config)}
     start_epoch, best_top1 = 0, -1.0
@@ -359,22 +418,27 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
         start_epoch, best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
     # metrics of epochs after the checkpoint (a run killed between the two writes) are redone
     history = [m for m in read_metrics(run_dir) if m["epoch"] <= start_epoch]
-    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+    if rank0:
+        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+    # Several processes: DDP averages the gradients. Dropped units are multiplied by zero, so their
+    # parameters still take part in the graph (zero gradients, not missing ones): no find_unused_parameters.
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if several else model
 
     # 4. the epochs
     for epoch in range(start_epoch, config.epochs):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        model.train()
-        loader = DataLoader(splits.train, generator=epoch_generator(config.seed, epoch), **train_loader_args)
+        net.train()
+        loader = epoch_loader(splits.train, config, epoch)
         total = len(loader) if config.limit_batches is None else min(len(loader), config.limit_batches)
-        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=quiet)
+        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=quiet or not rank0)
         loss_sum, correct, seen = 0.0, 0, 0
         for i, (inputs, targets) in enumerate(bar):
             if i == total:
                 break
             inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)
+            logits = net(inputs)
             loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -394,13 +458,21 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
         if ed is not None:
             ed.end_epoch()
         scheduler.step()
+        if several:  # the epoch's training loss and accuracy over every rank's samples
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+            loss_sum, correct, seen = distributed.sum_across_ranks_(totals).tolist()
 
-        # validate (EDropout: with the applied state, as the network is trained)
+        # validate (EDropout: with the applied state, as the network is trained); every rank validates its
+        # copy, so that none waits for another, and rank 0's result is the one written
         val = evaluate(model, val_loader, device, topk=(1,))
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
                   "val_loss": val["loss"], "val_top1": val["top1"], **population_stats(ed),
                   "frozen": bool(ed.frozen) if ed is not None else None, "lr": lr, "time": time.time() - started}
         history.append(record)
+        improved = val["top1"] > best_top1
+        best_top1 = max(best_top1, val["top1"])
+        if not rank0:
+            continue
         if not quiet:
             tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f} | "
                        f"val loss {val['loss']:.4f} top-1 {val['top1']:.2f} | kept {record['kept']:.3f}"
@@ -408,8 +480,6 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
 
         # checkpoints: metrics first, then best.pt, then last.pt (a kill in between redoes the epoch)
         write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
-        improved = val["top1"] > best_top1
-        best_top1 = max(best_top1, val["top1"])
         checkpoint = {"epoch": epoch + 1, "best_top1": best_top1, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "edropout": ed.state_dict() if ed is not None else None, "rng": rng_states(), "meta": meta}
@@ -418,8 +488,9 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
         save_checkpoint(checkpoint, run_dir / "last.pt")
 
     # 5. report and plots
-    report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
-    plot(run_dir)
+    if rank0:
+        report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
+        plot(run_dir)
     return run_dir
 
 
@@ -684,14 +755,20 @@ def train_runs(config: TrainConfig, runs: int, quiet: bool = False) -> Path:
     if runs < 1:
         raise RunError(f"runs must be a positive integer; got {runs!r}")
     check_config(config)
-    load_data(config)  # missing data: fail before creating anything
-    parent = new_run_dir(config)
-    config.run_dir = str(parent)
-    write_text(parent / "config.json", json.dumps({**asdict(config), "runs": runs}, indent=2) + "\n")
-    for s in range(config.seed, config.seed + runs):
-        sub = TrainConfig.from_dict({**asdict(config), "seed": s, "run_dir": str(parent / f"seed-{s}")})
-        train(sub, quiet=quiet)
-    aggregate(parent, quiet=quiet)
+    with distributed.launched(config.device, config.dist_timeout):  # several processes: one group for all runs
+        def make_parent():
+            load_data(config)  # missing data: fail before creating anything
+            parent = new_run_dir(config)
+            write_text(parent / "config.json", json.dumps({**asdict(config), "run_dir": str(parent), "runs": runs},
+                                                          indent=2) + "\n")
+            return str(parent)
+        parent = Path(on_rank0(make_parent))
+        config.run_dir = str(parent)
+        for s in range(config.seed, config.seed + runs):
+            sub = TrainConfig.from_dict({**asdict(config), "seed": s, "run_dir": str(parent / f"seed-{s}")})
+            train(sub, quiet=quiet)
+        if distributed.rank() == 0:
+            aggregate(parent, quiet=quiet)
     return parent
 
 
