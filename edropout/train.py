@@ -356,7 +356,7 @@ def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False
         config = config or TrainConfig()
     check_config(config)
     with distributed.launched(config.device, config.dist_timeout) as device:
-        return train_processes(config, resume, quiet, device)
+        return train_processes(config, resume, quiet, device, print_report)
 
 
 def on_rank0(make):
@@ -373,7 +373,8 @@ def on_rank0(make):
     return result
 
 
-def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.device) -> Path:
+def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.device,
+                    print_report: bool = True) -> Path:
     """The run of :func:`train` (``config`` checked) in this process, one of ``distributed.world_size()``.
 
     Several processes: DistributedDataParallel over the network, DistributedSampler over the training set;
