@@ -26,6 +26,17 @@ def gen(request):
     return g
 
 
+@pytest.fixture(autouse=True)
+def full_precision_on_cuda():
+    """cuDNN convolutions default to TF32 on Ampere and later GPUs (10-bit mantissas, errors near 1e-3),
+    and pick different algorithms for different batch sizes: far above the tolerances of comparisons such
+    as batched candidates against separate forwards. Tests compare in full float32."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
