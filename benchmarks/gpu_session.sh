@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build the kernels there, then the stages named on the command line, with
 # every log under $OUT (the device tool brings it back).
-#   bash benchmarks/gpu_session.sh build tests sanitize train kernels speed
-# Stages: build (setup.py build_ext --inplace for sm_90), tests (whole suite, CUDA tests must not skip),
+#   bash benchmarks/gpu_session.sh env build tests sanitize train kernels speed
+# Stages: env (GPU, torch, compilers, CPU), crashcheck (a native backtrace of a crash in test_bad_input.py), build (setup.py build_ext --inplace for sm_90), tests (whole suite, CUDA tests must not skip),
 # sanitize (compute-sanitizer memcheck and racecheck over the CUDA op tests), train (EDropout on digits on
 # the GPU, report printed), kernels (benchmarks/kernels.py), speed (benchmarks/speed.py with profiles).
 # Stage time limits: TEST_SECONDS, SANITIZE_SECONDS, TRAIN_SECONDS, BENCH_SECONDS; extra arguments:
@@ -26,15 +26,13 @@ for s in "$@"; do
       lscpu | grep -E "Model name|^CPU\(s\)" ;;
     crashcheck)  # a crash in the argument checks: its native backtrace
       stage crashcheck
-      $PY -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py 2>&1 | tail -3 || true
-      if ! $PY -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py >/dev/null 2>&1; then
+      if ! $PY -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py >/tmp/crashcheck.log 2>&1; then
+        tail -3 /tmp/crashcheck.log
         cuda-gdb -q -batch -ex run -ex bt --args $PY -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py 2>&1 \
           | grep -E "^#|signal" | head -30
       fi ;;
     build)
       stage build
-      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-      $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
       # The system compiler: the image's own g++ wrapper links libstdc++ statically into the extension,
       # whose iostreams then crash in the first number formatted (an error message).
       CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1 \

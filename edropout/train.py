@@ -126,9 +126,7 @@ def check_config(config: TrainConfig) -> None:
         raise RunError(f"keep_rate must be in (0, 1] or None; got {config.keep_rate!r}")
     if config.compare_original and config.mode == "original":
         raise RunError("compare_original needs mode edropout or random (mode original is the comparison)")
-    if isinstance(config.bn_calibration, bool) or not isinstance(config.bn_calibration, int) \
-            or config.bn_calibration < 0:
-        raise RunError(f"bn_calibration must be a number of images >= 0; got {config.bn_calibration!r}")
+    check_bn_calibration(config.bn_calibration)
     for name in ("batch_size", "epochs", "lr_step", "patience", "dist_timeout"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -566,11 +564,20 @@ def magnitude_state(ed: EDropout, reference: torch.Tensor) -> torch.Tensor:
     return state
 
 
+def check_bn_calibration(images) -> None:
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise RunError(f"bn_calibration must be a number of images >= 0; got {images!r}")
+
+
+def calibration_batch_size(size: int, images: int) -> int:
+    """Batches of up to 128 of a training set of ``size`` images, for ``images`` of them."""
+    return max(1, min(128, size, images))
+
+
 def calibration_loader(dataset, images: int) -> DataLoader:
     """Training images in a fixed random order, in whole batches of up to 128 (a short last batch would
     weigh as much as a full one in the average): ``calibration_count`` of them."""
-    batch_size = max(1, min(128, len(dataset), images))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+    return DataLoader(dataset, batch_size=calibration_batch_size(len(dataset), images), shuffle=True, drop_last=True,
                       generator=torch.Generator().manual_seed(0))
 
 
@@ -578,7 +585,7 @@ def calibration_count(size: int, images: int) -> int:
     """How many of a training set of ``size`` images ``calibrated_batchnorm`` reads for ``images``."""
     if images <= 0:
         return 0
-    batch_size = max(1, min(128, size, images))
+    batch_size = calibration_batch_size(size, images)
     return min(-(-images // batch_size), size // batch_size) * batch_size
 
 
@@ -648,8 +655,7 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
         config.device = device
     check_config(config)
     calibration = config.bn_calibration if bn_calibration is None else bn_calibration
-    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
-        raise RunError(f"bn_calibration must be a number of images >= 0; got {calibration!r}")
+    check_bn_calibration(calibration)
     checkpoint = load_checkpoint(run_dir / "best.pt", config.device)
     original = None
     if config.compare_original:
