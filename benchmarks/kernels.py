@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -35,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edropout  # noqa: E402
 from edropout import ops, reference  # noqa: E402
 from numpy_step import numpy_step  # noqa: E402
-from timing import make_timer  # noqa: E402
+from timing import describe, environment, make_timer  # noqa: E402
 
 MODELS = ["squeezenet1_1", "resnet18", "resnet34", "alexnet", "resnet50", "resnet101"]
 
@@ -147,11 +145,9 @@ def main(argv=None):
 
     timer, host_timer = make_timer(args.device), make_timer("cpu")
     gen = torch.Generator().manual_seed(0)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    env = environment(args.device)
     bandwidth = copy_bandwidth(args.device, timer)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# edropout kernels, {args.device} ({device_name}), torch {torch.__version__}, {when}")
+    print(f"# edropout kernels, {describe(env)}")
     print(f"# K = {args.population}; {args.rounds} rounds of the variants in turn, each {args.settle} s untimed then "
           f"{args.calls} timed calls; medians; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
@@ -170,8 +166,7 @@ def main(argv=None):
               f"| {row['fused_factored_ms']:.3f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__, "date": when,
-                       "population": args.population, "rounds": args.rounds, "calls": args.calls,
+            json.dump({**env, "population": args.population, "rounds": args.rounds, "calls": args.calls,
                        "copy_GBps": bandwidth / 1e9, "rows": rows}, f, indent=1)
 
 

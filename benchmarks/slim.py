@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-from datetime import datetime, timezone
 
 import os
 import sys
@@ -25,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import edropout  # noqa: E402
 from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
-from timing import make_timer  # noqa: E402
+from timing import describe, environment, make_timer  # noqa: E402
 
 
 def main(argv=None):
@@ -43,10 +41,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; expected some of {', '.join(MODELS)}")
 
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"# full vs slim inference, {args.device} ({device_name}), torch {torch.__version__}, {when}")
+    env = environment(args.device)
+    print(f"# full vs slim inference, {describe(env)}")
     print(f"# keep rate {args.keep_rate} (random units), 3 channels, 102 classes, eval mode; "
           f"{args.rounds} rounds x {args.calls} calls, medians")
     print("| model | batch | params full | params slim | R % (kept) | full ms | slim ms | full/slim |")
@@ -80,8 +76,7 @@ def main(argv=None):
               f"| {slim_ms:.2f} | {full_ms / slim_ms:.2f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__, "date": when,
-                       "keep_rate": args.keep_rate, "rows": rows}, f, indent=1)
+            json.dump({**env, "keep_rate": args.keep_rate, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,8 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -45,7 +43,7 @@ import edropout  # noqa: E402
 from edropout.energies import EnergyLoss, IsingEnergy  # noqa: E402
 from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
 from numpy_step import numpy_step  # noqa: E402
-from timing import make_timer  # noqa: E402
+from timing import describe, environment, make_timer  # noqa: E402
 
 SEED_RATIO = {"resnet18": 17.21, "resnet34": 25.12, "resnet50": 19.63, "resnet101": 22.56, "alexnet": 28.97,
               "squeezenet1_1": 1.33}
@@ -173,11 +171,8 @@ def main(argv=None):
     if args.batch_size is None:
         args.batch_size = 128 if args.device.startswith("cuda") else 32
 
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"# EDropout / original time per training iteration, {args.device} ({device_name}), torch "
-          f"{torch.__version__}, {when}")
+    env = environment(args.device)
+    print(f"# EDropout / original time per training iteration, {describe(env)}")
     print(f"# batch {args.batch_size}, 102 classes, K = 8, Adadelta; {args.iters} rounds of the variants in turn "
           f"after {args.warmup} warm-up iterations, each timed iteration after {args.settle} untimed; median ratios")
     columns = "".join(f" {k} ms | {k} ratio |" for k in kinds)
@@ -191,8 +186,7 @@ def main(argv=None):
         print(f"| {name} | {row['D']} | {row['original_ms']:.1f} |{cells} {SEED_RATIO[name]:.2f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__, "date": when,
-                       "batch_size": args.batch_size, "iters": args.iters, "rows": rows}, f, indent=1)
+            json.dump({**env, "batch_size": args.batch_size, "iters": args.iters, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
