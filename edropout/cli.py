@@ -127,8 +127,6 @@ def run(args) -> int:
     if args.command == "train":
         if args.resume is not None:
             run_dir = Path(args.resume)
-            if (run_dir / "config.json").is_file() and "runs" in json.loads((run_dir / "config.json").read_text()):
-                raise RunError(f"{run_dir}: resume the runs of a multi-seed directory one by one (seed-*/)")
             config = training.read_config(run_dir)
             if args.device is not None:
                 config.device = args.device

@@ -202,6 +202,10 @@ def read_config(run_dir: Path) -> TrainConfig:
         values = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(values, dict):
+        raise RunError(f"{path}: expected a JSON object of TrainConfig fields")
+    if "runs" in values:  # written by train_runs
+        raise RunError(f"{run_dir}: a directory of {values['runs']} runs, not one run: name one of them (seed-*/)")
     return TrainConfig.from_dict(values)
 
 

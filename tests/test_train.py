@@ -266,6 +266,14 @@ def test_several_seeds_report_mean_and_std(tmp_path, tiny):
     result = json.loads((parent / "report.json").read_text())
     assert result["seeds"] == [0, 1] and len(result["rows"]) == len(result["std"]) == 6
     assert "±" in (parent / "report.md").read_text()
+    # the directory of several runs is not one run: resuming or exporting it names the problem
+    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    assert_bad(cli("train", "--resume", str(parent), code=main), "2 runs", "seed-*")
+    assert_bad(cli("export", str(parent), code=main), "2 runs", "seed-*")
+    (parent / "seed-1" / "config.json").write_text("[1, 2]")
+    assert_bad(cli("train", "--resume", str(parent / "seed-1"), code=main), "config.json", "JSON object")
+    (parent / "seed-1" / "config.json").write_text("{not json")
+    assert_bad(cli("train", "--resume", str(parent / "seed-1"), code=main), "config.json", "unreadable")
 
 
 def test_magnitude_state_keeps_each_layers_count_by_norm(tiny, gen):
