@@ -216,6 +216,10 @@ def read_metrics(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_metrics(run_dir: Path, metrics: List[dict]) -> None:
+    write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+
 def new_run_dir(config: TrainConfig) -> Path:
     """The run directory of a fresh run: created, writable and empty, or RunError."""
     if config.run_dir is None:
@@ -422,7 +426,7 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
     # metrics of epochs after the checkpoint (a run killed between the two writes) are redone
     history = [m for m in read_metrics(run_dir) if m["epoch"] <= start_epoch]
     if rank0:
-        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        write_metrics(run_dir, history)
     # Several processes: DDP averages the gradients. Dropped units are multiplied by zero, so their
     # parameters still take part in the graph (zero gradients, not missing ones): no find_unused_parameters.
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if several else model
@@ -451,6 +455,8 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
             loss_sum += loss.item() * targets.numel()
             correct += int((logits.argmax(1) == targets).sum())
             seen += targets.numel()
+            if bar.disable:  # quiet, or not rank 0: no population statistics (each one a device sync)
+                continue
             postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100.0 * correct / seen:.1f}"}
             if ed is not None:
                 s = ed.stats()
@@ -482,7 +488,7 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
                        + (" (frozen)" if record["frozen"] else ""))
 
         # checkpoints: metrics first, then best.pt, then last.pt (a kill in between redoes the epoch)
-        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        write_metrics(run_dir, history)
         checkpoint = {"epoch": epoch + 1, "best_top1": best_top1, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "edropout": ed.state_dict() if ed is not None else None, "rng": rng_states(), "meta": meta}
@@ -739,16 +745,22 @@ def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bo
     result = {"run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "mode": config.mode,
               "seed": config.seed, "epochs": len(metrics), "best_epoch": best["epoch"] if best else None,
               "best_val_top1": best["val_top1"] if best else None, "bn_calibration": calibration, "rows": rows}
-    text = (f"# {config.dataset} / {config.model} / {config.mode} (seed {config.seed})\n\n"
-            f"Test set, best.pt (epoch {result['best_epoch']} of {len(metrics)}, validation top-1 "
-            f"{result['best_val_top1']:.2f} %{', Original: best.pt of original/' if config.compare_original else ''}). "
-            f"{calibration_note(calibration)} R: % of trainable parameters kept; #p: their number.\n\n"
-            + format_table(rows) + "\n")
+    original = ", Original: best.pt of original/" if config.compare_original else ""
+    heading = (f"# {config.dataset} / {config.model} / {config.mode} (seed {config.seed})\n\n"
+               f"Test set, best.pt (epoch {result['best_epoch']} of {len(metrics)}, validation top-1 "
+               f"{result['best_val_top1']:.2f} %{original}). " + calibration_note(calibration))
+    write_report(run_dir, result, heading, format_table(rows), quiet)
+    return result
+
+
+def write_report(run_dir: Path, result: dict, heading: str, table: str, quiet: bool) -> None:
+    """report.json (``result``) and report.md (``heading``, the legend and ``table``); the latter printed
+    unless ``quiet``."""
+    text = f"{heading} R: % of trainable parameters kept; #p: their number.\n\n{table}\n"
     write_text(run_dir / "report.json", json.dumps(result, indent=2) + "\n")
     write_text(run_dir / "report.md", text)
     if not quiet:
         print(text)
-    return result
 
 
 def calibration_note(images: int) -> str:
@@ -807,14 +819,10 @@ def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None
         std.append({"method": row["method"], **{k: float(v.std(unbiased=False)) for k, v in values.items()}})
     seeds = [r["seed"] for r in reports]
     result = {"run_dir": str(parent), "seeds": seeds, "rows": mean, "std": std, "runs": reports}
-    note = calibration_note(reports[0].get("bn_calibration", 0))
-    text = (f"# {reports[0]['dataset']} / {reports[0]['model']} / {reports[0]['mode']}: {len(reports)} runs "
-            f"(seeds {', '.join(map(str, seeds))})\n\nTest set, best.pt of each run, mean ± std over runs. "
-            f"{note} R: % of trainable parameters kept; #p: their number.\n\n" + format_table(mean, std) + "\n")
-    write_text(parent / "report.json", json.dumps(result, indent=2) + "\n")
-    write_text(parent / "report.md", text)
-    if not quiet:
-        print(text)
+    heading = (f"# {reports[0]['dataset']} / {reports[0]['model']} / {reports[0]['mode']}: {len(reports)} runs "
+               f"(seeds {', '.join(map(str, seeds))})\n\nTest set, best.pt of each run, mean ± std over runs. "
+               + calibration_note(reports[0].get("bn_calibration", 0)))
+    write_report(parent, result, heading, format_table(mean, std), quiet)
     return result
 
 
