@@ -128,8 +128,7 @@ class EDropout:
             self._refresh_if_due()
             K = self.population.shape[0]
             if self.energy.depends_on_batch:
-                trials = self._repair(ops.evolve(self.population, self.seed, self.steps, self.mutation,
-                                                 self.crossover, self.always_kept), self.steps)
+                trials = self._trials()
                 scores = self.energy(torch.cat([self.population, trials]), batch)
                 if several:  # scored on this rank's batch: the mean over the ranks is the global batch's
                     distributed.average_across_ranks_(scores)
@@ -138,8 +137,7 @@ class EDropout:
                 result = ops.evolve_step(self.population, self.energies, self.energy.field, self.energy.couplings,
                                          self.seed, self.steps, self.mutation, self.crossover, self.always_kept)
             else:
-                trials = self._repair(ops.evolve(self.population, self.seed, self.steps, self.mutation,
-                                                 self.crossover, self.always_kept), self.steps)
+                trials = self._trials()
                 result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
             self.population, self.energies, best = result
             self._apply(best)
@@ -204,8 +202,9 @@ class EDropout:
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"population": self.population, "energies": self.energies, "best": self.best,
-                "unchanged": self.unchanged, "mask": self.masks.mask, "activity": self.masks.activity, "steps": self.steps, "epoch": self.epoch, "frozen": self.frozen,
-                "seed": self.seed, "energy": self.energy.state_dict()}
+                "unchanged": self.unchanged, "mask": self.masks.mask, "activity": self.masks.activity,
+                "steps": self.steps, "epoch": self.epoch, "frozen": self.frozen, "seed": self.seed,
+                "energy": self.energy.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["population"].shape != self.population.shape:
@@ -241,6 +240,11 @@ class EDropout:
         position = pool[:, order].cumsum(dim=1)[:, rank]
         flip = pool & (position <= excess.abs())
         return states ^ flip.to(states.dtype)
+
+    def _trials(self) -> Tensor:
+        """This step's trial population (``ops.evolve``), repaired to the keep_rate."""
+        trials = ops.evolve(self.population, self.seed, self.steps, self.mutation, self.crossover, self.always_kept)
+        return self._repair(trials, self.steps)
 
     def _refresh_if_due(self) -> None:
         period = self.energy.refresh_every
