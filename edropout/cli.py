@@ -48,7 +48,16 @@ def parser() -> argparse.ArgumentParser:
         ("--model", str, "resnet18, resnet34, resnet50, resnet101, alexnet or squeezenet1_1 (default resnet18)"),
         ("--mode", str, "edropout, original (no EDropout) or random (a random fixed state) (default edropout)"),
         ("--compare-original", bool, "also train mode original with the same seed and schedule in "
-                                     "RUN_DIR/original; the report adds Original and Magnitude (Original)"),
+                                     "RUN_DIR/original; the report adds Original and Magnitude (Original, post-hoc)"),
+        ("--original-dir", str, "compare with this finished run of mode original (same data, network, seed and "
+                                "schedule; with --runs, a directory of them, seed-<s>/) instead of training one "
+                                "in RUN_DIR/original; implies --compare-original"),
+        ("--baselines", str, "comma-separated sibling runs in RUN_DIR/<name>: scratch (a random state of "
+                             "EDropout's per-layer widths, trained from scratch) and finetune (the Original "
+                             "pruned by magnitude to those widths, then fine-tuned; implies --compare-original)"),
+        ("--finetune-epochs", int, "baseline finetune: epochs of fine-tuning at the schedule's last learning rate "
+                                   "(default: a fifth of --epochs, at least 1)"),
+        ("--finetune-lr", float, "baseline finetune: its constant learning rate (default: the last of the schedule)"),
         ("--epochs", int, "training epochs (default 15; seed's schedule 200)"),
         ("--batch-size", int, "batch size (default 64; seed's schedule 128)"),
         ("--optimizer", str, "adadelta or sgd (momentum, Nesterov) (default adadelta)"),
@@ -85,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
             t.add_argument(flag, type=kind, default=None, help=help_text)
     t.add_argument("--runs", type=int, default=1, help="runs with seeds seed..seed+runs-1 in RUN_DIR/seed-<s>, "
                                                         "reported as mean ± std (default 1)")
-    t.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR (or every run of a directory of --runs N)")
     t.add_argument("--config", metavar="FILE", default=None,
                    help="start from the TrainConfig fields of a JSON file (the seed's schedule for the others)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -125,7 +135,9 @@ def run(args) -> int:
     from . import train as training
 
     if args.command == "train":
-        if args.resume is not None:
+        if args.resume is not None and training.holds_runs(args.resume):
+            training.resume_runs(args.resume, args.device, args.dist_timeout, quiet=args.quiet)
+        elif args.resume is not None:
             run_dir = Path(args.resume)
             config = training.read_config(run_dir)
             if args.device is not None:

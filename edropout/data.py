@@ -5,7 +5,8 @@ yielding ``(image, label)`` with ``image`` a float tensor ``[C, H, W]`` of side 
 (32 for the ResNets, 224 for AlexNet and SqueezeNet) and ``label`` an int.
 
     name         data under ``root``                      splits
-    fashion      FashionMNIST/raw (torchvision)           train 60k -> 54k train + 6k validation; test 10k
+    fashion      FashionMNIST/raw (torchvision), else the train 60k -> 54k train + 6k validation; test 10k
+                 system's copy (below)
     kuzushiji    KMNIST/raw (torchvision)                 train 60k -> 54k train + 6k validation; test 10k
     cifar10      cifar-10-batches-py (torchvision)        train 50k -> 45k train + 5k validation; test 10k
     cifar100     cifar-100-python (torchvision)           train 50k -> 45k train + 5k validation; test 10k
@@ -20,6 +21,11 @@ the same on every run with the same seed. Where the test set is drawn too (flowe
 stratified), it is drawn with the fixed seed ``TEST_SEED`` whatever ``seed`` is, so every run is scored on
 the same test images, and validation is then drawn from the rest with ``seed``.
 
+Fashion-MNIST is looked for first in ``root`` (torchvision's layout; ``download=True`` fetches it there),
+then in the folder where Debian's package ``dataset-fashion-mnist`` installs the four original gzipped IDX
+files (``SYSTEM_FASHION``: ``$EDROPOUT_SYSTEM_DATA/fashion-mnist``, by default
+``/usr/share/datasets/fashion-mnist``), read there as they are: nothing is written into a system folder.
+
 Gray images are scaled to [0, 1] (``ToTensor`` only); colour images are normalised with the ImageNet mean
 and std. Training sets of cifar10, cifar100 and flowers are augmented by default (``augment=None``):
 random horizontal flip, random rotation by 0 to 180 degrees, then (after normalisation) ``Cutout`` of one
@@ -27,6 +33,8 @@ square of side ``model_input_size // 4``. Validation and test images are never a
 view of one un-transformed dataset with its own transform.
 """
 
+import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +53,8 @@ FLOWERS_PER_CLASS = 10              # flowers: validation and test images per cl
 DIGITS_TEST_FRACTION = 0.2          # digits: stratified test fraction (validation: VAL_FRACTION of all)
 TEST_SEED = 0                       # the draw of the test set where there is one (flowers, digits)
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+# Where Debian's dataset packages install (apt-get install dataset-fashion-mnist)
+SYSTEM_FASHION = Path(os.environ.get("EDROPOUT_SYSTEM_DATA", "/usr/share/datasets")) / "fashion-mnist"
 
 
 @dataclass
@@ -154,6 +164,71 @@ def _mnist(name, cls, root, download):
             for train in (True, False)]
 
 
+class IdxImages(Dataset):
+    """Gray images and their labels read from a pair of gzipped IDX files (the MNIST family's format), as
+    (PIL gray image, label) like torchvision's MNIST classes; ``classes`` names the labels."""
+
+    def __init__(self, images_path, labels_path, classes):
+        self.images = read_idx(images_path, ndim=3)
+        self.targets = read_idx(labels_path, ndim=1)
+        self.classes = list(classes)
+        if len(self.images) != len(self.targets):
+            raise ValueError(f"{images_path}: {len(self.images)} images but {labels_path} has "
+                             f"{len(self.targets)} labels")
+        if len(self.targets) and int(self.targets.max()) >= len(self.classes):
+            raise ValueError(f"{labels_path}: label {int(self.targets.max())} beyond the {len(self.classes)} classes")
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.images[i].numpy(), mode="L"), int(self.targets[i])
+
+
+def read_idx(path, ndim):
+    """The uint8 tensor of a gzipped IDX file with ``ndim`` dimensions; ValueError (one line) for any other file.
+
+    torchvision's reader takes uncompressed files inside its own folder layout; the system's copy is
+    gzipped and read-only, so it is read here."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({type(e).__name__})") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes with {ndim} dimension(s)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    size = int(torch.tensor(shape, dtype=torch.float64).prod().item())
+    if len(raw) - header != size:
+        raise ValueError(f"{path}: {len(raw) - header} bytes of data, its header {shape} says {size}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(shape)
+
+
+def _system_fashion():
+    """The system's Fashion-MNIST (train, test) as IdxImages, or None when it is not installed."""
+    folder = SYSTEM_FASHION
+    if not all((folder / f"{prefix}-{kind}.gz").is_file() for prefix in ("train", "t10k")
+               for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
+        return None
+    return [IdxImages(folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz",
+                      datasets.FashionMNIST.classes) for prefix in ("train", "t10k")]
+
+
+def _fashion(root, download):
+    """Fashion-MNIST from ``root`` (torchvision's layout), else from the system's copy; the error names both."""
+    raw = root / "FashionMNIST" / "raw"
+    if download or (raw.is_dir() and any(raw.iterdir())):
+        return _mnist("fashion", datasets.FashionMNIST, root, download)
+    system = _system_fashion()
+    if system is not None:
+        return system
+    raise FileNotFoundError(f"fashion: no data at {raw} nor at {SYSTEM_FASHION}; pass --download to fetch it "
+                            f"(needs network) or install it with apt-get install dataset-fashion-mnist")
+
+
 def _cifar(name, cls, root, download):
     return [_open(name, root / cls.base_folder, download,
                   lambda train=train: cls(root, train=train, download=download)) for train in (True, False)]
@@ -239,9 +314,10 @@ def load(name, root, model_input_size, download=False, seed=0, augment=None):
         base, (train_idx, val_idx, test_idx) = _digits(seed)
         test_base, gray, num_classes = base, True, 10
     else:                                           # a training file and a test file
-        if name in ("fashion", "kuzushiji"):
-            cls, gray = datasets.FashionMNIST if name == "fashion" else datasets.KMNIST, True
-            base, test_base = _mnist(name, cls, root, download)
+        if name == "fashion":
+            (base, test_base), gray = _fashion(root, download), True
+        elif name == "kuzushiji":
+            (base, test_base), gray = _mnist(name, datasets.KMNIST, root, download), True
         elif name in ("cifar10", "cifar100"):
             cls, gray = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100, False
             base, test_base = _cifar(name, cls, root, download)

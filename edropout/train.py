@@ -41,7 +41,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -59,7 +59,12 @@ from .energies import EnergyLoss, IsingEnergy
 
 __all__ = ["TrainConfig", "RunError", "train", "train_runs", "report", "evaluate_run", "export", "plot"]
 
-MODES = ("edropout", "original", "random")
+MODES = ("edropout", "original", "random", "scratch", "finetune")  # the last two: baselines of an edropout run
+# The baselines, sibling runs of an EDropout run in <run_dir>/<name>, and their rows in the report
+BASELINES = {"scratch": "Random (scratch)", "finetune": "Magnitude + fine-tune"}
+# What an Original run must share with the run it is compared with (--original-dir)
+SAME_SCHEDULE = ("dataset", "model", "optimizer", "lr", "rho", "eps", "momentum", "weight_decay", "lr_step",
+                 "lr_gamma", "batch_size", "epochs", "seed", "limit_batches")
 OPTIMIZERS = ("adadelta", "sgd")
 ENERGIES = ("ising", "loss")
 RANDOM_KEPT = (25, 50, 75)  # the random-pruning rows of the report: % of prunable units kept
@@ -92,6 +97,10 @@ class TrainConfig:
     energy: str = "ising"               # "ising" (IsingEnergy) or "loss" (EnergyLoss, scored on each batch)
     keep_rate: Optional[float] = None   # fraction of the prunable units every state keeps; None: the energy decides
     compare_original: bool = False      # also train mode original (same seed) in <run_dir>/original for the report
+    original_dir: Optional[str] = None  # a finished original run to compare with instead (with runs: its seed-<s>/)
+    baselines: str = ""                 # comma-separated sibling runs: scratch, finetune (finetune implies compare_original)
+    finetune_epochs: Optional[int] = None  # finetune: epochs of fine-tuning; None: epochs // 5, at least 1
+    finetune_lr: Optional[float] = None  # finetune: its constant learning rate; None: the schedule's last one
     bn_calibration: int = 2048          # report: training images that re-estimate BatchNorm statistics per row (0: off)
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,6 +110,10 @@ class TrainConfig:
     limit_batches: Optional[int] = None  # at most this many training batches per epoch (quick checks, tests)
     dist_timeout: int = 600             # several processes: seconds one waits for the others before failing
 
+    def __post_init__(self):
+        if "finetune" in baseline_names(self) or self.original_dir is not None:  # both need the Original
+            self.compare_original = True
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
@@ -108,6 +121,14 @@ class TrainConfig:
         if unknown:
             raise RunError(f"config: unknown field(s) {', '.join(unknown)}")
         return cls(**values)
+
+
+def baseline_names(config: TrainConfig) -> List[str]:
+    """The baselines of ``config`` in the order they are trained: scratch, then finetune."""
+    if not isinstance(config.baselines, str):
+        return []
+    names = [name.strip() for name in config.baselines.split(",") if name.strip()]
+    return sorted(set(names), key=lambda name: (list(BASELINES) + [name]).index(name))
 
 
 def check_config(config: TrainConfig) -> None:
@@ -124,8 +145,19 @@ def check_config(config: TrainConfig) -> None:
         raise RunError(f"energy must be one of {', '.join(ENERGIES)}; got {config.energy!r}")
     if config.keep_rate is not None and not 0.0 < config.keep_rate <= 1.0:
         raise RunError(f"keep_rate must be in (0, 1] or None; got {config.keep_rate!r}")
-    if config.compare_original and config.mode == "original":
-        raise RunError("compare_original needs mode edropout or random (mode original is the comparison)")
+    if not isinstance(config.baselines, str):
+        raise RunError(f"baselines must be a comma-separated string of {', '.join(BASELINES)}; got {config.baselines!r}")
+    unknown = [name for name in baseline_names(config) if name not in BASELINES]
+    if unknown:
+        raise RunError(f"baselines must be among {', '.join(BASELINES)}; got {', '.join(map(repr, unknown))}")
+    if baseline_names(config) and config.mode != "edropout":
+        raise RunError(f"baselines need mode edropout (they are measured against its state); got mode {config.mode!r}")
+    if config.compare_original and config.mode not in ("edropout", "random"):
+        raise RunError("compare_original, original_dir and the finetune baseline need mode edropout or random")
+    if config.finetune_epochs is not None and (isinstance(config.finetune_epochs, bool)
+                                               or not isinstance(config.finetune_epochs, int)
+                                               or config.finetune_epochs < 1):
+        raise RunError(f"finetune_epochs must be a positive integer or None; got {config.finetune_epochs!r}")
     check_bn_calibration(config.bn_calibration)
     for name in ("batch_size", "epochs", "lr_step", "patience", "dist_timeout"):
         value = getattr(config, name)
@@ -137,8 +169,10 @@ def check_config(config: TrainConfig) -> None:
         raise RunError("freeze_after and num_workers must not be negative")
     if not 0.0 < config.p_init <= 1.0:
         raise RunError(f"p_init must be in (0, 1]; got {config.p_init!r}")
-    if config.lr is not None and not config.lr > 0:
-        raise RunError(f"lr must be positive; got {config.lr!r}")
+    for name in ("lr", "finetune_lr"):
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise RunError(f"{name} must be positive; got {value!r}")
     if config.limit_batches is not None and config.limit_batches < 1:
         raise RunError(f"limit_batches must be a positive integer or None; got {config.limit_batches!r}")
     try:
@@ -381,7 +415,19 @@ def on_rank0(make):
 
 def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.device,
                     print_report: bool = True) -> Path:
-    """The run of :func:`train` (``config`` checked) in this process, one of ``distributed.world_size()``.
+    """The run of :func:`train` (``config`` checked) in this process, one of ``distributed.world_size()``:
+    a plan of sibling runs around the run itself, each trained (or finished, or skipped when done) in turn,
+    then the report over all of them:
+
+        <run_dir>/original/   mode original, the same seed and schedule (compare_original, finetune;
+                              or the finished run of original_dir instead)
+        <run_dir>/            the run itself (edropout or random)
+        <run_dir>/scratch/    baseline scratch: a random state with EDropout's per-layer unit counts, fixed
+                              from the first step, trained from scratch with the same seed and schedule
+        <run_dir>/finetune/   baseline finetune: the Original pruned by magnitude to EDropout's per-layer
+                              counts, fine-tuned finetune_epochs epochs at the schedule's last learning rate
+
+    Each sibling is a run directory of its own (config.json, checkpoints, report), resumable like any.
 
     Several processes: DistributedDataParallel over the network, DistributedSampler over the training set;
     ``batch_size`` is the global batch, each process loading batch_size / N samples of it; every process
@@ -390,13 +436,12 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
     several, rank0, world = distributed.active(), distributed.rank() == 0, distributed.world_size()
     if config.batch_size % world:
         raise RunError(f"batch_size {config.batch_size} (the global batch) must be divisible by the {world} processes")
-    # 1. the checkpoint to continue from
-    checkpoint = None
-    if resume is not None:
-        run_dir = Path(resume)
-        checkpoint = load_checkpoint(run_dir / "last.pt", device) if (run_dir / "last.pt").exists() else None
+    if config.original_dir is not None:
+        check_original(config, original_path(config, None))  # before anything is written
+        if resume is None:  # resumable from anywhere
+            config.original_dir = str(Path(config.original_dir).resolve())
 
-    # 2. data, then the run directory (so that missing data leaves nothing behind); rank 0 creates it
+    # data, then the run directory (so that missing data leaves nothing behind); rank 0 creates it
     if several and config.download:  # one process downloads, the others then read what it wrote
         on_rank0(lambda: load_data(config).num_classes)
     splits = load_data(config)
@@ -408,13 +453,90 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
             return str(run_dir)
         run_dir = Path(on_rank0(make_run_dir))
         config.run_dir = str(run_dir)
+    else:
+        run_dir = Path(resume)
     if not quiet and rank0:
         print(f"run {run_dir}: " + json.dumps(asdict(config)) + (f" ({world} processes)" if several else ""))
-    val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
-    if config.compare_original:
-        train_original(config, run_dir, quiet)
 
-    # 3. network, EDropout, optimiser and schedule
+    if config.compare_original and config.original_dir is None:
+        train_sibling(sibling_config(config, run_dir, "original"), quiet, device)
+    train_loop(config, run_dir, splits, device, quiet)
+    for name in baseline_names(config):
+        train_sibling(sibling_config(config, run_dir, name), quiet, device)
+
+    if rank0:
+        report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
+        plot(run_dir)
+    return run_dir
+
+
+def sibling_config(config: TrainConfig, run_dir: Path, name: str) -> TrainConfig:
+    """The config of sibling run ``name`` (original, scratch or finetune) of ``config``'s run in ``run_dir``."""
+    values = {**asdict(config), "mode": name, "compare_original": False, "original_dir": None, "baselines": "",
+              "run_dir": str(Path(run_dir) / name)}
+    if name == "finetune":  # a constant learning rate, the last of the run's schedule, for finetune_epochs
+        epochs = finetune_epochs(config)
+        values.update(epochs=epochs, lr=config.finetune_lr if config.finetune_lr is not None else last_lr(config),
+                      lr_step=epochs)
+    return TrainConfig.from_dict(values)
+
+
+def finetune_epochs(config: TrainConfig) -> int:
+    return config.finetune_epochs if config.finetune_epochs is not None else max(1, config.epochs // 5)
+
+
+def last_lr(config: TrainConfig) -> float:
+    """The learning rate of the last epoch of ``config``'s schedule."""
+    first = config.lr if config.lr is not None else (1.0 if config.optimizer == "adadelta" else 0.1)
+    return first * config.lr_gamma ** ((config.epochs - 1) // config.lr_step)
+
+
+def train_sibling(config: TrainConfig, quiet: bool, device: torch.device) -> Path:
+    """Train sibling run ``config`` in its run_dir: from the start, from its last checkpoint, or not at all
+    when it is done (its report is written)."""
+    sub_dir = Path(config.run_dir)
+    if (sub_dir / "report.json").is_file():
+        return sub_dir
+    if not quiet and distributed.rank() == 0:
+        print(f"training {config.mode} in {sub_dir}")
+    resume = sub_dir if (sub_dir / "config.json").is_file() else None
+    if resume is not None:
+        stored = read_config(sub_dir)
+        stored.device, stored.dist_timeout = config.device, config.dist_timeout
+        config = stored
+    return train_processes(config, resume, quiet, device, print_report=False)
+
+
+def original_path(config: TrainConfig, run_dir: Optional[Path]) -> Optional[Path]:
+    """The Original run compared with ``config``'s run in ``run_dir``: original_dir (its seed-<seed>/ where
+    it holds several runs) or <run_dir>/original; None without compare_original."""
+    if config.original_dir is not None:
+        given = Path(config.original_dir)
+        per_seed = given / f"seed-{config.seed}"
+        return per_seed if (per_seed / "config.json").is_file() else given
+    return Path(run_dir) / "original" if config.compare_original else None
+
+
+def check_original(config: TrainConfig, path: Path) -> None:
+    """RunError unless ``path`` is a finished run of mode original with ``config``'s data, network, seed and
+    schedule."""
+    other = read_config(path)
+    if other.mode != "original":
+        raise RunError(f"original_dir {path}: a run of mode {other.mode!r}, not original")
+    differ = [name for name in SAME_SCHEDULE if getattr(other, name) != getattr(config, name)]
+    if differ:
+        raise RunError(f"original_dir {path}: " + ", ".join(f"{name} {getattr(other, name)!r} (this run: "
+                                                              f"{getattr(config, name)!r})" for name in differ))
+    if not (path / "report.json").is_file():
+        raise RunError(f"original_dir {path}: not finished (resume it first: --resume {path})")
+
+
+def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: torch.device, quiet: bool) -> None:
+    """The epochs of the run in ``run_dir``, from its last.pt when there is one; writes metrics.jsonl,
+    best.pt and last.pt (rank 0)."""
+    several, rank0 = distributed.active(), distributed.rank() == 0
+    checkpoint = load_checkpoint(run_dir / "last.pt", device) if (run_dir / "last.pt").exists() else None
+    val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
     model, ed = build_network(config, splits.in_channels, splits.num_classes, device)
     optimizer, scheduler = build_optimizer(config, model)
     meta = {"in_channels": splits.in_channels, "num_classes": splits.num_classes, "config": asdict(config)}
@@ -423,6 +545,8 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
         restore(checkpoint, model, ed, optimizer, scheduler, run_dir / "last.pt")
         set_rng_states(checkpoint["rng"])
         start_epoch, best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
+    elif config.mode in BASELINES:
+        start_baseline(config, run_dir, model, ed, optimizer, device)
     # metrics of epochs after the checkpoint (a run killed between the two writes) are redone
     history = [m for m in read_metrics(run_dir) if m["epoch"] <= start_epoch]
     if rank0:
@@ -431,14 +555,13 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
     # parameters still take part in the graph (zero gradients, not missing ones): no find_unused_parameters.
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if several else model
 
-    # 4. the epochs
     for epoch in range(start_epoch, config.epochs):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
         net.train()
         loader = epoch_loader(splits.train, config, epoch)
         total = len(loader) if config.limit_batches is None else min(len(loader), config.limit_batches)
-        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+        bar = tqdm(loader, total=total, desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=quiet or not rank0)
         loss_sum, correct, seen = 0.0, 0, 0
         for i, (inputs, targets) in enumerate(bar):
@@ -458,7 +581,7 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
             if bar.disable:  # quiet, or not rank 0: no population statistics (each one a device sync)
                 continue
             postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100.0 * correct / seen:.1f}"}
-            if ed is not None:
+            if ed is not None and not ed.frozen:
                 s = ed.stats()
                 postfix.update(E_best=f"{s['best_energy']:.3g}", E_mean=f"{s['mean_energy']:.3g}",
                                kept=f"{s['kept']:.3f}")
@@ -483,9 +606,9 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
         if not rank0:
             continue
         if not quiet:
-            tqdm.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f} | "
-                       f"val loss {val['loss']:.4f} top-1 {val['top1']:.2f} | kept {record['kept']:.3f}"
-                       + (" (frozen)" if record["frozen"] else ""))
+            tqdm.write(f"{config.mode} epoch {epoch + 1}: train loss {record['train_loss']:.4f} top-1 "
+                       f"{record['train_top1']:.2f} | val loss {val['loss']:.4f} top-1 {val['top1']:.2f} | "
+                       f"kept {record['kept']:.3f}" + (" (frozen)" if record["frozen"] else ""))
 
         # checkpoints: metrics first, then best.pt, then last.pt (a kill in between redoes the epoch)
         write_metrics(run_dir, history)
@@ -496,27 +619,35 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
             save_checkpoint(checkpoint, run_dir / "best.pt")
         save_checkpoint(checkpoint, run_dir / "last.pt")
 
-    # 5. report and plots
-    if rank0:
-        report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
-        plot(run_dir)
-    return run_dir
 
+def start_baseline(config: TrainConfig, run_dir: Path, model, ed: EDropout, optimizer, device) -> None:
+    """The start of baseline ``config.mode`` in <parent>/<mode>: a fixed state from the EDropout run of the
+    parent folder (the state of its best.pt, reported as EDropout(P)), frozen from the first step.
 
-def train_original(config: TrainConfig, run_dir: Path, quiet: bool) -> Path:
-    """The comparison of a ``compare_original`` run: the same network, seed and schedule without EDropout,
-    in <run_dir>/original (trained, finished if it was interrupted, or left as it is when done). Its
-    initial weights and data order are those of the EDropout run (both come from the seed alone)."""
-    sub_dir = Path(run_dir) / "original"
-    if (sub_dir / "report.json").is_file():
-        return sub_dir
-    if not quiet:
-        print(f"training the original network for comparison in {sub_dir}")
-    if (sub_dir / "config.json").is_file():
-        return train(TrainConfig(device=config.device), resume=sub_dir, quiet=quiet, print_report=False)
-    sub = TrainConfig.from_dict({**asdict(config), "mode": "original", "compare_original": False,
-                                 "run_dir": str(sub_dir)})
-    return train(sub, quiet=quiet, print_report=False)
+    scratch: in each layer as many units as that state keeps, chosen at random (``seed``); the weights of a
+    fresh network. finetune: the Original's best.pt (weights, BatchNorm statistics and optimiser state), in
+    each layer the units of largest kernel norm, as many as that state keeps."""
+    parent = Path(run_dir).parent
+    parent_config = read_config(parent)
+    if parent_config.mode != "edropout":
+        raise RunError(f"{run_dir}: a {config.mode} baseline belongs in the folder of an edropout run; "
+                       f"{parent} is a run of mode {parent_config.mode!r}")
+    reference = load_checkpoint(parent / "best.pt", device)
+    if reference.get("edropout") is None:
+        raise RunError(f"{parent / 'best.pt'}: no EDropout state")
+    state = reference["edropout"]["mask"].cpu().bool()
+    if state.numel() != ed.units.num_units:
+        raise RunError(f"{parent / 'best.pt'}: a state of {state.numel()} units, this network has {ed.units.num_units}")
+    if config.mode == "scratch":
+        state = layer_random_state(ed, state, config.seed)
+    else:
+        original = original_path(parent_config, parent) / "best.pt"
+        restore(load_checkpoint(original, device), model, None, optimizer, path=original)
+        for group in optimizer.param_groups:  # the Original's optimiser state, at this run's learning rate
+            group["lr"] = group["initial_lr"] = config.lr
+        state = magnitude_state(ed, state)
+    ed.masks.mask.copy_(state.to(ed.masks.mask))
+    ed.freeze()
 
 
 def restore(checkpoint: dict, model, ed, optimizer=None, scheduler=None, path="checkpoint") -> None:
@@ -555,6 +686,20 @@ def random_state(ed: EDropout, percent: float, seed: int) -> torch.Tensor:
     order = torch.randperm(prunable.numel(), generator=torch.Generator().manual_seed(seed))
     state = ed.always_kept.cpu().clone()
     state[prunable[order[: round(percent / 100.0 * prunable.numel())]]] = True
+    return state
+
+
+def layer_random_state(ed: EDropout, reference: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random state of ``reference``'s per-layer widths: in each layer as many units as ``reference``
+    (a state, [D]) keeps there, chosen at random with ``seed`` (the classifier kept)."""
+    reference = reference.cpu().bool()
+    generator = torch.Generator().manual_seed(seed)
+    state = ed.always_kept.cpu().clone()
+    for layer in ed.units:
+        if layer.always_kept:
+            continue
+        count = int(reference[layer.start:layer.stop].sum())
+        state[layer.start + torch.randperm(layer.stop - layer.start, generator=generator)[:count]] = True
     return state
 
 
@@ -651,14 +796,22 @@ def _row(name: str, metrics: dict, percent: float, params: int) -> dict:
 
 def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
                  bn_calibration: Optional[int] = None) -> List[dict]:
-    """The report's rows: best.pt of ``run_dir`` evaluated on the test set, each row with BatchNorm
-    statistics re-estimated for it on ``bn_calibration`` training images (None: the run's config).
+    """The report's rows: best.pt of ``run_dir`` (and of its sibling runs) evaluated on the test set, each
+    row with BatchNorm statistics re-estimated for it on ``bn_calibration`` training images (None: the
+    run's config). In this order, each where it applies:
 
-    edropout / random: the network with every unit (EDropout(F)), with its state (EDropout(P)), with random
-    states keeping 25/50/75 % of the prunable units, and magnitude pruning with as many units per layer
-    as its state keeps ("Magnitude"); with compare_original also, first, the original network trained
-    beside it ("Original") and, last, magnitude pruning of that network at the same size ("Magnitude
-    (Original)"). original: the network."""
+        Original                         the original network trained beside it (compare_original)
+        EDropout(F)                      every unit
+        EDropout(P)                      the applied (frozen) state
+        Random (scratch)                 baseline scratch: its fixed random state, trained from scratch
+        Magnitude + fine-tune            baseline finetune: the Original pruned, then fine-tuned
+        Random 25/50/75% (post-hoc)      random states of the EDropout-trained network, not trained
+        Magnitude (post-hoc)             the EDropout-trained network pruned by magnitude to its state's
+                                         per-layer counts, not trained
+        Magnitude (Original, post-hoc)   the same of the Original
+
+    A random run's rows are Random(p)(F) and Random(p)(P); an original run's row is Original; a baseline
+    run's row is its own."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if device is not None:
@@ -667,9 +820,6 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
     calibration = config.bn_calibration if bn_calibration is None else bn_calibration
     check_bn_calibration(calibration)
     checkpoint = load_checkpoint(run_dir / "best.pt", config.device)
-    original = None
-    if config.compare_original:
-        original = load_checkpoint(run_dir / "original" / "best.pt", config.device)
     splits = splits or load_data(config)
     meta = checkpoint["meta"]
     if (meta["in_channels"], meta["num_classes"]) != (splits.in_channels, splits.num_classes):
@@ -693,22 +843,32 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
             percent, kept = ed.kept_parameters()
             return _row(name, measure(), percent, kept)
 
+    if config.mode in BASELINES:
+        return [state_row(BASELINES[config.mode], ed.state.cpu().clone())]
     label = "EDropout" if config.mode == "edropout" else f"Random({config.p_init:g})"
-    rows = []
+    rows = {}
     with ed.full():
-        rows.append(_row(f"{label}(F)", measure(), 100.0, total))
+        rows[f"{label}(F)"] = _row(f"{label}(F)", measure(), 100.0, total)
     state = ed.state.cpu().clone()
-    rows.append(state_row(f"{label}(P)", state))
+    rows[f"{label}(P)"] = state_row(f"{label}(P)", state)
     if config.mode == "edropout":
         for percent in RANDOM_KEPT:
-            rows.append(state_row(f"Random {percent}%", random_state(ed, percent, config.seed)))
-        rows.append(state_row("Magnitude", magnitude_state(ed, state)))
+            name = f"Random {percent}% (post-hoc)"
+            rows[name] = state_row(name, random_state(ed, percent, config.seed))
+        rows["Magnitude (post-hoc)"] = state_row("Magnitude (post-hoc)", magnitude_state(ed, state))
+    original = original_path(config, run_dir)
     if original is not None:
-        restore(original, model, None, path=run_dir / "original" / "best.pt")
+        restore(load_checkpoint(original / "best.pt", config.device), model, None, path=original / "best.pt")
         with ed.full():
-            rows.insert(0, _row("Original", measure(), 100.0, total))
-        rows.append(state_row("Magnitude (Original)", magnitude_state(ed, state)))
-    return rows
+            rows["Original"] = _row("Original", measure(), 100.0, total)
+        name = "Magnitude (Original, post-hoc)"
+        rows[name] = state_row(name, magnitude_state(ed, state))
+    for baseline in baseline_names(config):  # their own weights and fixed states
+        path = run_dir / baseline / "best.pt"
+        restore(load_checkpoint(path, config.device), model, ed, path=path)
+        rows[BASELINES[baseline]] = state_row(BASELINES[baseline], ed.state.cpu().clone())
+    first = ["Original", f"{label}(F)", f"{label}(P)", *BASELINES.values()]
+    return [rows[name] for name in first if name in rows] + [row for name, row in rows.items() if name not in first]
 
 
 COLUMNS = (("loss", "loss", "{:.4f}"), ("top1", "top-1 %", "{:.2f}"), ("top3", "top-3 %", "{:.2f}"),
@@ -745,7 +905,9 @@ def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bo
     result = {"run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "mode": config.mode,
               "seed": config.seed, "epochs": len(metrics), "best_epoch": best["epoch"] if best else None,
               "best_val_top1": best["val_top1"] if best else None, "bn_calibration": calibration, "rows": rows}
-    original = ", Original: best.pt of original/" if config.compare_original else ""
+    siblings = ([f"Original: best.pt of {original_path(config, run_dir)}"] if config.compare_original else []) + \
+        [f"{BASELINES[name]}: best.pt of {name}/" for name in baseline_names(config)]
+    original = "".join(f"; {text}" for text in siblings)
     heading = (f"# {config.dataset} / {config.model} / {config.mode} (seed {config.seed})\n\n"
                f"Test set, best.pt (epoch {result['best_epoch']} of {len(metrics)}, validation top-1 "
                f"{result['best_val_top1']:.2f} %{original}). " + calibration_note(calibration))
@@ -772,27 +934,74 @@ def calibration_note(images: int) -> str:
 # -- several seeds -------------------------------------------------------------------------------------------
 def train_runs(config: TrainConfig, runs: int, quiet: bool = False) -> Path:
     """``runs`` runs with seeds seed .. seed+runs-1 in <run_dir>/seed-<s>, and report.md/json over them
-    (mean ± std) in <run_dir>. One run is ``train(config)``."""
+    (mean ± std) in <run_dir>. One run is ``train(config)``; ``resume_runs`` continues them."""
     if runs == 1:
         return train(config, quiet=quiet)
-    if runs < 1:
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise RunError(f"runs must be a positive integer; got {runs!r}")
     check_config(config)
     with distributed.launched(config.device, config.dist_timeout):  # several processes: one group for all runs
         def make_parent():
-            load_data(config)  # missing data: fail before creating anything
+            load_data(config)  # missing data or Original runs: fail before creating anything
+            for s in range(config.seed, config.seed + runs):
+                if config.original_dir is not None:
+                    check_original(replace(config, seed=s), original_path(replace(config, seed=s), None))
             parent = new_run_dir(config)
             write_text(parent / "config.json", json.dumps({**asdict(config), "run_dir": str(parent), "runs": runs},
                                                           indent=2) + "\n")
             return str(parent)
+        if config.original_dir is not None:  # resumable from anywhere
+            config.original_dir = str(Path(config.original_dir).resolve())
         parent = Path(on_rank0(make_parent))
         config.run_dir = str(parent)
-        for s in range(config.seed, config.seed + runs):
-            sub = TrainConfig.from_dict({**asdict(config), "seed": s, "run_dir": str(parent / f"seed-{s}")})
-            train(sub, quiet=quiet)
-        if distributed.rank() == 0:
-            aggregate(parent, quiet=quiet)
+        _train_seeds(config, parent, runs, quiet)
     return parent
+
+
+def resume_runs(parent, device: Optional[str] = None, dist_timeout: Optional[int] = None,
+                quiet: bool = False) -> Path:
+    """Continue the runs of ``train_runs`` in ``parent``: each seed's run is resumed (or started, or left
+    as it is when its report is written), then the runs are reported as mean ± std."""
+    parent = Path(parent)
+    path = parent / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(values, dict) or "runs" not in values:
+        raise RunError(f"{parent}: not a directory of several runs (train --runs N)")
+    runs = values.pop("runs")
+    config = TrainConfig.from_dict(values)
+    if device is not None:
+        config.device = device
+    if dist_timeout is not None:
+        config.dist_timeout = dist_timeout
+    check_config(config)
+    with distributed.launched(config.device, config.dist_timeout):
+        _train_seeds(config, parent, runs, quiet)
+    return parent
+
+
+def holds_runs(run_dir) -> bool:
+    """Whether ``run_dir`` is a directory of several runs (written by ``train_runs``)."""
+    try:
+        values = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "runs" in values
+
+
+def _train_seeds(config: TrainConfig, parent: Path, runs: int, quiet: bool) -> None:
+    for s in range(config.seed, config.seed + runs):
+        sub_dir = parent / f"seed-{s}"
+        if (sub_dir / "report.json").is_file():  # finished (the report is the last thing a run writes)
+            continue
+        if (sub_dir / "config.json").is_file():
+            train(replace(config, seed=s, run_dir=str(sub_dir)), resume=sub_dir, quiet=quiet)
+        else:
+            train(replace(config, seed=s, run_dir=str(sub_dir)), quiet=quiet)
+    if distributed.rank() == 0:
+        aggregate(parent, quiet=quiet)
 
 
 def seed_dirs(run_dir: Path) -> List[Path]:
@@ -812,6 +1021,11 @@ def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None
             reports.append(json.loads((sub / "report.json").read_text()))
     if not reports:
         raise RunError(f"{parent}: no finished runs (seed-*/)")
+    methods = [row["method"] for row in reports[0]["rows"]]
+    for r in reports[1:]:
+        if [row["method"] for row in r["rows"]] != methods:
+            raise RunError(f"{parent}: the runs' reports have different rows (seed {reports[0]['seed']}: "
+                           f"{', '.join(methods)}; seed {r['seed']}: {', '.join(row['method'] for row in r['rows'])})")
     mean, std = [], []
     for i, row in enumerate(reports[0]["rows"]):
         values = {key: torch.tensor([r["rows"][i][key] for r in reports], dtype=torch.float64) for key, _, _ in COLUMNS}

@@ -112,6 +112,84 @@ def test_fashion_from_gzip_archives(tmp_path, gen):
             assert y == labels[j]
 
 
+@pytest.fixture
+def system_fashion(tmp_path, monkeypatch):
+    """An empty stand-in for the folder of Debian's dataset-fashion-mnist package."""
+    folder = tmp_path / "system" / "fashion-mnist"
+    monkeypatch.setattr(data, "SYSTEM_FASHION", folder)
+    return folder
+
+
+def test_fashion_from_the_system_folder(tmp_path, gen, system_fashion):
+    # the Debian package's layout: the four gzipped IDX files in one folder, read in place
+    raw = _write_mnist(system_fashion.parent, system_fashion.name, gen, 40, 10, compress=True)
+    for path in (system_fashion / "raw").iterdir():
+        path.rename(system_fashion / path.name)
+    (system_fashion / "raw").rmdir()
+    system_fashion.chmod(0o555)
+    try:
+        before = sorted(p.name for p in system_fashion.iterdir())
+        s = data.load("fashion", tmp_path / "empty", 28)
+        assert sorted(p.name for p in system_fashion.iterdir()) == before     # nothing written there
+    finally:
+        system_fashion.chmod(0o755)
+    assert not (tmp_path / "empty").exists()
+    assert (len(s.train), len(s.val), len(s.test)) == (36, 4, 10) and (s.num_classes, s.in_channels) == (10, 1)
+    _check_partition(s, 40)
+    for split, (images, labels), idx in ((s.val, raw["train"], s.val.indices), (s.test, raw["t10k"], range(10))):
+        for i, j in enumerate(idx):
+            x, y = split[i]
+            torch.testing.assert_close(x, _gray(images[j]), rtol=0, atol=0)
+            assert y == labels[j]
+    # data in --data-root (torchvision's layout) comes first
+    other = _write_mnist(tmp_path / "root", "FashionMNIST", gen, 20, 10, compress=False)
+    s = data.load("fashion", tmp_path / "root", 28)
+    assert len(s.train) + len(s.val) == 20 and _labels(s.test) == other["t10k"][1].tolist()
+
+
+def test_fashion_nowhere_names_both_remedies(tmp_path, system_fashion):
+    with pytest.raises(FileNotFoundError) as info:
+        data.load("fashion", tmp_path, 32)
+    assert str(info.value) == (f"fashion: no data at {tmp_path / 'FashionMNIST/raw'} nor at {system_fashion}; pass "
+                               f"--download to fetch it (needs network) or install it with apt-get install "
+                               f"dataset-fashion-mnist")
+
+
+@pytest.mark.parametrize("damage, message", [(lambda b: b[:-3], "bytes of data"),
+                                             (lambda b: b"\x00\x00\x0d\x03" + b[4:], "unsigned bytes"),
+                                             (lambda b: b[:6], "truncated"),
+                                             (None, "gzip")])
+def test_damaged_idx_file_is_one_line(tmp_path, gen, system_fashion, damage, message):
+    _write_mnist(system_fashion.parent, system_fashion.name, gen, 8, 4, compress=True)
+    for path in (system_fashion / "raw").iterdir():
+        path.rename(system_fashion / path.name)
+    target = system_fashion / "t10k-images-idx3-ubyte.gz"
+    if damage is None:
+        target.write_bytes(b"not gzip")
+    else:
+        with gzip.open(target, "rb") as f:
+            payload = f.read()
+        with gzip.open(target, "wb") as f:
+            f.write(damage(payload))
+    with pytest.raises(ValueError) as info:
+        data.load("fashion", tmp_path / "empty", 28)
+    assert str(info.value).startswith(f"{target}: ") and message in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (REAL_FASHION / "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_real_fashion_from_the_system_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_FASHION", REAL_FASHION)
+    s = data.load("fashion", tmp_path, 32)
+    assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
+    assert s.test.base.targets.bincount().tolist() == [1000] * 10
+    assert s.test.base.classes[0] == "T-shirt/top"
+
+
 def test_kuzushiji_from_extracted_files(tmp_path, gen):
     raw = _write_mnist(tmp_path, "KMNIST", gen, 30, 10, compress=False)
     s = data.load("kuzushiji", tmp_path, 32, seed=3)
@@ -276,11 +354,14 @@ def test_digits():
 @pytest.mark.parametrize("name, path", [("fashion", "FashionMNIST/raw"), ("kuzushiji", "KMNIST/raw"),
                                         ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
                                         ("flowers", "flowers-102")])
-def test_missing_files(tmp_path, name, path):
+def test_missing_files(tmp_path, name, path, system_fashion):
     with pytest.raises(FileNotFoundError) as info:
         data.load(name, tmp_path, 32)
     message = str(info.value)
-    assert message == f"{name}: no data at {tmp_path / path}; pass --download to fetch it (needs network)"
+    if name == "fashion":  # and not in the system's folder either (test_fashion_nowhere_names_both_remedies)
+        assert message.startswith(f"{name}: no data at {tmp_path / path} nor at {system_fashion}; pass --download")
+    else:
+        assert message == f"{name}: no data at {tmp_path / path}; pass --download to fetch it (needs network)"
 
 
 def test_missing_imagefolder(tmp_path):

@@ -72,12 +72,14 @@ def test_run_directory_and_report(tmp_path, tiny):
     assert 0 < metrics[-1]["kept"] <= 1
     result = json.loads((run_dir / "report.json").read_text())
     rows = {row["method"]: row for row in result["rows"]}
-    assert list(rows) == ["EDropout(F)", "EDropout(P)", "Random 25%", "Random 50%", "Random 75%", "Magnitude"]
+    assert list(rows) == ["EDropout(F)", "EDropout(P)", "Random 25% (post-hoc)", "Random 50% (post-hoc)",
+                          "Random 75% (post-hoc)", "Magnitude (post-hoc)"]
     assert rows["EDropout(F)"]["R"] == 100.0
     for row in rows.values():
         assert row["top1"] <= row["top3"] <= row["top5"] <= 100
         assert 0 < row["R"] <= 100 and row["params"] > 0
-    assert rows["Random 25%"]["params"] < rows["Random 50%"]["params"] < rows["Random 75%"]["params"]
+    assert (rows["Random 25% (post-hoc)"]["params"] < rows["Random 50% (post-hoc)"]["params"]
+            < rows["Random 75% (post-hoc)"]["params"])
     # magnitude pruning keeps as many units as EDropout(P)
     checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
     ed_state = checkpoint["edropout"]["mask"]
@@ -86,7 +88,7 @@ def test_run_directory_and_report(tmp_path, tiny):
     magnitude = training.magnitude_state(ed, ed.state)
     assert int(magnitude.sum()) == int(ed_state.sum())
     md = (run_dir / "report.md").read_text()
-    assert "| EDropout(P) |" in md and "| Magnitude |" in md
+    assert "| EDropout(P) |" in md and "| Magnitude (post-hoc) |" in md
 
 
 def test_modes_original_and_random(tmp_path, tiny):
@@ -193,12 +195,13 @@ def assert_bad(result, *words):
         assert word in lines[0], lines[0]
 
 
-def test_cli_bad_input(tmp_path):
+def test_cli_bad_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDROPOUT_SYSTEM_DATA", str(tmp_path / "no-system-data"))  # no Debian package either
     assert_bad(cli("train", "--dataset", "mnist", "--run-dir", str(tmp_path / "a")), "dataset")
     assert_bad(cli("train", "--model", "vgg", "--run-dir", str(tmp_path / "a")), "model")
     assert_bad(cli("train", "--epochs", "x"), "--epochs")
     assert_bad(cli("train", "--dataset", "fashion", "--data-root", str(tmp_path / "none"),
-                   "--run-dir", str(tmp_path / "a")), "fashion", "no data")
+                   "--run-dir", str(tmp_path / "a")), "fashion", "no data", "--download", "apt-get install")
     assert not (tmp_path / "a").exists()
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -241,7 +244,7 @@ def test_cli_train_eval_export_round_trip(tmp_path, tiny):
     assert "| EDropout(P) |" in result.stdout
     result = cli("eval", str(run_dir), code=main)
     assert result.returncode == 0, result.stderr
-    assert "| Magnitude |" in result.stdout
+    assert "| Magnitude (post-hoc) |" in result.stdout
     result = cli("export", str(run_dir), code=main)
     assert result.returncode == 0, result.stderr
 
@@ -266,9 +269,8 @@ def test_several_seeds_report_mean_and_std(tmp_path, tiny):
     result = json.loads((parent / "report.json").read_text())
     assert result["seeds"] == [0, 1] and len(result["rows"]) == len(result["std"]) == 6
     assert "±" in (parent / "report.md").read_text()
-    # the directory of several runs is not one run: resuming or exporting it names the problem
+    # the directory of several runs is not one run: exporting it names the problem
     main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
-    assert_bad(cli("train", "--resume", str(parent), code=main), "2 runs", "seed-*")
     assert_bad(cli("export", str(parent), code=main), "2 runs", "seed-*")
     (parent / "seed-1" / "config.json").write_text("[1, 2]")
     assert_bad(cli("train", "--resume", str(parent / "seed-1"), code=main), "config.json", "JSON object")
@@ -358,8 +360,9 @@ def test_compare_original_trains_the_original_beside(tmp_path, tiny):
     original = training.train(tiny_config(tmp_path / "orig", epochs=1, limit_batches=3, mode="original"), quiet=True)
     assert json.loads((both / "original" / "config.json").read_text())["mode"] == "original"
     rows = json.loads((both / "report.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["Original", "EDropout(F)", "EDropout(P)", "Random 25%", "Random 50%",
-                                           "Random 75%", "Magnitude", "Magnitude (Original)"]
+    assert [r["method"] for r in rows] == ["Original", "EDropout(F)", "EDropout(P)", "Random 25% (post-hoc)",
+                                           "Random 50% (post-hoc)", "Random 75% (post-hoc)", "Magnitude (post-hoc)",
+                                           "Magnitude (Original, post-hoc)"]
     # the original beside is the original trained alone; the EDropout run is the one trained alone
     assert rows[0] == json.loads((original / "report.json").read_text())["rows"][0]
     assert rows[1:-1] == json.loads((alone / "report.json").read_text())["rows"]
@@ -410,3 +413,138 @@ def test_readme_documents_every_flag(command):
         else:
             flags.add(action.dest.upper())
     assert _readme_flags(command) == flags
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+ROWS = ["Original", "EDropout(F)", "EDropout(P)", "Random (scratch)", "Magnitude + fine-tune",
+        "Random 25% (post-hoc)", "Random 50% (post-hoc)", "Random 75% (post-hoc)", "Magnitude (post-hoc)",
+        "Magnitude (Original, post-hoc)"]
+
+
+def _state_of(path):
+    return torch.load(path, weights_only=False)["edropout"]["mask"].bool()
+
+
+def _layer_counts(ed, state):
+    return [int(state[layer.start:layer.stop].sum()) for layer in ed.units]
+
+
+def test_baselines_are_sibling_runs(tmp_path, tiny):
+    config = tiny_config(tmp_path / "run", epochs=3, limit_batches=4, baselines="scratch,finetune")
+    assert config.compare_original  # finetune needs the Original
+    run_dir = training.train(config, quiet=True)
+    for name in ("original", "scratch", "finetune"):
+        assert (run_dir / name / "report.json").is_file(), name
+        assert json.loads((run_dir / name / "config.json").read_text())["mode"] == name
+    rows = json.loads((run_dir / "report.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ROWS
+    model, ed = training.build_network(tiny_config(run_dir), 1, 10)
+    edropout_state = _state_of(run_dir / "best.pt")
+
+    # scratch: the same seed and schedule, a random state of EDropout's per-layer widths fixed from the start
+    scratch = json.loads((run_dir / "scratch" / "config.json").read_text())
+    assert {k: scratch[k] for k in ("seed", "epochs", "lr", "lr_step", "batch_size")} == \
+        {"seed": 0, "epochs": 3, "lr": None, "lr_step": 50, "batch_size": 32}
+    scratch_state = _state_of(run_dir / "scratch" / "best.pt")
+    assert _layer_counts(ed, scratch_state) == _layer_counts(ed, edropout_state)
+    assert torch.equal(scratch_state, training.layer_random_state(ed, edropout_state, 0))
+    assert all(m["frozen"] for m in training.read_metrics(run_dir / "scratch"))
+    assert torch.equal(_state_of(run_dir / "scratch" / "last.pt"), scratch_state)
+
+    # finetune: the Original's best.pt pruned by magnitude at those widths, then epochs // 5 (at least 1)
+    # epochs at the schedule's last learning rate
+    metrics = training.read_metrics(run_dir / "finetune")
+    assert len(metrics) == 1 and metrics[0]["lr"] == pytest.approx(training.last_lr(config)) == 1.0
+    original = torch.load(run_dir / "original" / "best.pt", weights_only=False)
+    training.restore(original, model, None)
+    assert torch.equal(_state_of(run_dir / "finetune" / "best.pt"), training.magnitude_state(ed, edropout_state))
+    assert training.last_lr(tiny_config(run_dir, epochs=10, lr_step=3)) == pytest.approx(1e-3)
+    finetuned = torch.load(run_dir / "finetune" / "best.pt", weights_only=False)["model"]
+    changed = [k for k, v in original["model"].items() if v.is_floating_point() and not torch.equal(v, finetuned[k])]
+    assert changed  # it trained from the Original's weights...
+    # ...and the rows are those of each sibling's own report
+    for name, method in (("scratch", "Random (scratch)"), ("finetune", "Magnitude + fine-tune"),
+                         ("original", "Original")):
+        own = json.loads((run_dir / name / "report.json").read_text())["rows"]
+        assert own == [next(r for r in rows if r["method"] == method)], name
+    # the same per-layer widths: the same parameters kept
+    assert rows[2]["params"] == rows[3]["params"] == rows[4]["params"] == rows[8]["params"] == rows[9]["params"]
+
+    # a sibling lost or interrupted is trained again by --resume, the same as before
+    import shutil
+    shutil.rmtree(run_dir / "finetune")
+    (run_dir / "scratch" / "report.json").unlink()
+    (run_dir / "scratch" / "last.pt").write_bytes((run_dir / "scratch" / "best.pt").read_bytes())
+    training.train(None, resume=run_dir, quiet=True, print_report=False)
+    assert json.loads((run_dir / "report.json").read_text())["rows"][4] == rows[4]
+    assert (run_dir / "scratch" / "report.json").is_file()
+
+
+def test_layer_random_state_keeps_each_layers_count(tiny, gen):
+    from edropout import EDropout
+    ed = EDropout(models.build("tiny", 1, 10))
+    reference = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept
+    a, b = (training.layer_random_state(ed, reference, seed) for seed in (0, 1))
+    assert _layer_counts(ed, a) == _layer_counts(ed, b) == _layer_counts(ed, reference)
+    assert not torch.equal(a, b) and torch.equal(a, training.layer_random_state(ed, reference, 0))
+    assert a[ed.always_kept].all()
+
+
+def test_several_runs_with_baselines_resume_and_aggregate(tmp_path, tiny):
+    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    config = tiny_config(tmp_path / "runs", epochs=1, limit_batches=2, baselines="scratch")
+    parent = training.train_runs(config, runs=2, quiet=True)
+    result = json.loads((parent / "report.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["EDropout(F)", "EDropout(P)", "Random (scratch)"] + ROWS[5:9]
+    # a run cut short: --resume of the directory continues it and reports again
+    (parent / "report.json").unlink()
+    (parent / "seed-1" / "report.json").unlink()
+    (parent / "seed-1" / "scratch" / "report.json").unlink()
+    result2 = cli("train", "--resume", str(parent), "--quiet", code=main)
+    assert result2.returncode == 0, result2.stderr
+    assert json.loads((parent / "report.json").read_text())["rows"] == result["rows"]
+
+
+def test_original_dir_replaces_training_one(tmp_path, tiny):
+    originals = training.train_runs(tiny_config(tmp_path / "orig", mode="original", epochs=1, limit_batches=2),
+                                    runs=2, quiet=True)
+    parent = training.train_runs(tiny_config(tmp_path / "ed", epochs=1, limit_batches=2, original_dir=str(originals),
+                                             baselines="finetune"), runs=2, quiet=True)
+    for s in (0, 1):
+        assert not (parent / f"seed-{s}" / "original").exists()
+        rows = json.loads((parent / f"seed-{s}" / "report.json").read_text())["rows"]
+        assert rows[0] == json.loads((originals / f"seed-{s}" / "report.json").read_text())["rows"][0]
+        assert [r["method"] for r in rows][:4] == ["Original", "EDropout(F)", "EDropout(P)", "Magnitude + fine-tune"]
+    # an Original of another schedule, or not finished, is refused before anything is written
+    with pytest.raises(training.RunError, match="epochs 1 .this run: 2."):
+        training.train(tiny_config(tmp_path / "x", epochs=2, original_dir=str(originals / "seed-0")), quiet=True)
+    (originals / "seed-1" / "report.json").unlink()
+    with pytest.raises(training.RunError, match="not finished"):
+        training.train_runs(tiny_config(tmp_path / "y", epochs=1, limit_batches=2, original_dir=str(originals)),
+                            runs=2, quiet=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_bad_baselines(tmp_path, capsys):
+    from edropout.cli import main
+    for args, word in ((["--baselines", "scratch,prune"], "'prune'"),
+                       (["--baselines", "scratch", "--mode", "random"], "mode edropout"),
+                       (["--finetune-epochs", "0"], "finetune_epochs"),
+                       (["--original-dir", str(tmp_path / "none")], "config.json")):
+        assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_cli_trains_on_the_system_fashion_mnist(tmp_path):
+    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    (tmp_path / "empty").mkdir()
+    result = cli("train", "--dataset", "fashion", "--data-root", str(tmp_path / "empty"), "--model", "tiny",
+                 "--epochs", "1", "--limit-batches", "20", "--bn-calibration", "256", "--device", "cpu",
+                 "--run-dir", str(tmp_path / "run"), "--quiet", code=main)
+    assert result.returncode == 0, result.stderr
+    assert "| EDropout(P) |" in result.stdout and not any((tmp_path / "empty").iterdir())
