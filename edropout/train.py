@@ -14,6 +14,8 @@ A run directory holds
     report.md/json   the test-set report of best.pt (see ``report``)
     plots.png        loss, accuracy, population energy and kept fraction per epoch
     original/        with compare_original: the run of the same network without EDropout
+    scratch/         with baselines scratch: a random state of EDropout's per-layer widths, trained from scratch
+    finetune/        with baselines finetune: the Original pruned by magnitude to those widths, fine-tuned
 
 Checkpoints are written to a temporary file in the same folder, flushed to disk and renamed over the old
 one, so a run killed at any instant leaves the last good checkpoint. ``train(config, resume=RUN_DIR)``
@@ -28,8 +30,10 @@ they hold the same weights and EDropout state, and rank 0 alone writes the run d
 
 Modes: ``edropout`` (the controller evolves the state, then freezes it), ``original`` (the same network
 without EDropout) and ``random`` (a random state keeping a fraction ``p_init`` of the units, fixed from
-the start). With ``compare_original`` an edropout or random run first trains the original network with
-the same seed and schedule in <run_dir>/original/, and its report adds that network's rows.
+the start); ``scratch`` and ``finetune`` are the baselines' modes. A run is a plan of sibling runs (see
+``train_processes``): with ``compare_original`` the original network is trained first, with the same seed
+and schedule, in <run_dir>/original/ (or a finished one is named by ``original_dir``); then the run
+itself; then each baseline in <run_dir>/<name>/; the report has a row for each.
 """
 
 from __future__ import annotations

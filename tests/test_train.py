@@ -548,3 +548,23 @@ def test_cli_trains_on_the_system_fashion_mnist(tmp_path):
                  "--run-dir", str(tmp_path / "run"), "--quiet", code=main)
     assert result.returncode == 0, result.stderr
     assert "| EDropout(P) |" in result.stdout and not any((tmp_path / "empty").iterdir())
+
+
+def test_finetune_lr_sweep_reads_validation_only(tmp_path, tiny, monkeypatch):
+    import importlib.util
+    config = tiny_config(tmp_path / "run", epochs=2, limit_batches=3, compare_original=True)
+    run_dir = training.train(config, quiet=True, print_report=False)
+    spec = importlib.util.spec_from_file_location("finetune_lr", ROOT / "benchmarks" / "finetune_lr.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def no_test_set(*args, **kwargs):
+        raise AssertionError("the sweep evaluated on the test set")
+    monkeypatch.setattr(training, "evaluate_run", no_test_set)
+    assert sweep.main([str(run_dir), "--lrs", "1,0.01", "--out", str(tmp_path / "sweep.md")]) == 0
+    table = (tmp_path / "sweep.md").read_text()
+    for lr in (1.0, 0.01):
+        metrics = training.read_metrics(run_dir / f"finetune-lr{lr:g}")
+        assert [m["lr"] for m in metrics] == [lr]  # epochs // 5, at least 1, at this learning rate
+        assert f"| {lr:g} | {metrics[0]['val_top1']:.2f} |" in table
+        assert not (run_dir / f"finetune-lr{lr:g}" / "report.json").exists()
