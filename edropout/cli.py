@@ -55,9 +55,10 @@ def parser() -> argparse.ArgumentParser:
         ("--baselines", str, "comma-separated sibling runs in RUN_DIR/<name>: scratch (a random state of "
                              "EDropout's per-layer widths, trained from scratch) and finetune (the Original "
                              "pruned by magnitude to those widths, then fine-tuned; implies --compare-original)"),
-        ("--finetune-epochs", int, "baseline finetune: epochs of fine-tuning at the schedule's last learning rate "
+        ("--finetune-epochs", int, "baseline finetune: epochs of fine-tuning "
                                    "(default: a fifth of --epochs, at least 1)"),
-        ("--finetune-lr", float, "baseline finetune: its constant learning rate (default: the last of the schedule)"),
+        ("--finetune-lr", float, "baseline finetune: its constant learning rate (default: the schedule's second, --lr times "
+                                 "--lr-gamma, chosen on validation)"),
         ("--epochs", int, "training epochs (default 15; seed's schedule 200)"),
         ("--batch-size", int, "batch size (default 64; seed's schedule 128)"),
         ("--optimizer", str, "adadelta or sgd (momentum, Nesterov) (default adadelta)"),

@@ -104,7 +104,7 @@ class TrainConfig:
     original_dir: Optional[str] = None  # a finished original run to compare with instead (with runs: its seed-<s>/)
     baselines: str = ""                 # comma-separated sibling runs: scratch, finetune (finetune implies compare_original)
     finetune_epochs: Optional[int] = None  # finetune: epochs of fine-tuning; None: epochs // 5, at least 1
-    finetune_lr: Optional[float] = None  # finetune: its constant learning rate; None: the schedule's last one
+    finetune_lr: Optional[float] = None  # finetune: its constant learning rate; None: first lr * lr_gamma
     bn_calibration: int = 2048          # report: training images that re-estimate BatchNorm statistics per row (0: off)
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -429,7 +429,7 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
         <run_dir>/scratch/    baseline scratch: a random state with EDropout's per-layer unit counts, fixed
                               from the first step, trained from scratch with the same seed and schedule
         <run_dir>/finetune/   baseline finetune: the Original pruned by magnitude to EDropout's per-layer
-                              counts, fine-tuned finetune_epochs epochs at the schedule's last learning rate
+                              counts, fine-tuned finetune_epochs epochs at finetune_lr (``finetune_lr``)
 
     Each sibling is a run directory of its own (config.json, checkpoints, report), resumable like any.
 
@@ -478,10 +478,9 @@ def sibling_config(config: TrainConfig, run_dir: Path, name: str) -> TrainConfig
     """The config of sibling run ``name`` (original, scratch or finetune) of ``config``'s run in ``run_dir``."""
     values = {**asdict(config), "mode": name, "compare_original": False, "original_dir": None, "baselines": "",
               "run_dir": str(Path(run_dir) / name)}
-    if name == "finetune":  # a constant learning rate, the last of the run's schedule, for finetune_epochs
+    if name == "finetune":  # a constant learning rate for finetune_epochs
         epochs = finetune_epochs(config)
-        values.update(epochs=epochs, lr=config.finetune_lr if config.finetune_lr is not None else last_lr(config),
-                      lr_step=epochs)
+        values.update(epochs=epochs, lr=finetune_lr(config), lr_step=epochs)
     return TrainConfig.from_dict(values)
 
 
@@ -489,10 +488,16 @@ def finetune_epochs(config: TrainConfig) -> int:
     return config.finetune_epochs if config.finetune_epochs is not None else max(1, config.epochs // 5)
 
 
-def last_lr(config: TrainConfig) -> float:
-    """The learning rate of the last epoch of ``config``'s schedule."""
-    first = config.lr if config.lr is not None else (1.0 if config.optimizer == "adadelta" else 0.1)
-    return first * config.lr_gamma ** ((config.epochs - 1) // config.lr_step)
+def first_lr(config: TrainConfig) -> float:
+    return config.lr if config.lr is not None else (1.0 if config.optimizer == "adadelta" else 0.1)
+
+
+def finetune_lr(config: TrainConfig) -> float:
+    """The finetune baseline's learning rate: ``finetune_lr``, by default the schedule's second one (its
+    first times lr_gamma), chosen on validation: on Fashion-MNIST (ResNet-18, seed 0) it fine-tuned to
+    87.2 % validation top-1 against 82.1, 84.7 and 75.6 % for the first, third and fourth (the last, the
+    usual choice) of the schedule (README, "Result on Fashion-MNIST")."""
+    return config.finetune_lr if config.finetune_lr is not None else first_lr(config) * config.lr_gamma
 
 
 def train_sibling(config: TrainConfig, quiet: bool, device: torch.device) -> Path:

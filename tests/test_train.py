@@ -453,13 +453,14 @@ def test_baselines_are_sibling_runs(tmp_path, tiny):
     assert torch.equal(_state_of(run_dir / "scratch" / "last.pt"), scratch_state)
 
     # finetune: the Original's best.pt pruned by magnitude at those widths, then epochs // 5 (at least 1)
-    # epochs at the schedule's last learning rate
+    # epochs at the schedule's second learning rate
     metrics = training.read_metrics(run_dir / "finetune")
-    assert len(metrics) == 1 and metrics[0]["lr"] == pytest.approx(training.last_lr(config)) == 1.0
+    assert len(metrics) == 1 and metrics[0]["lr"] == pytest.approx(training.finetune_lr(config)) == 0.1
     original = torch.load(run_dir / "original" / "best.pt", weights_only=False)
     training.restore(original, model, None)
     assert torch.equal(_state_of(run_dir / "finetune" / "best.pt"), training.magnitude_state(ed, edropout_state))
-    assert training.last_lr(tiny_config(run_dir, epochs=10, lr_step=3)) == pytest.approx(1e-3)
+    assert training.finetune_lr(tiny_config(run_dir, optimizer="sgd", lr_gamma=0.2)) == pytest.approx(0.02)
+    assert training.finetune_lr(tiny_config(run_dir, finetune_lr=0.5)) == 0.5
     finetuned = torch.load(run_dir / "finetune" / "best.pt", weights_only=False)["model"]
     changed = [k for k, v in original["model"].items() if v.is_floating_point() and not torch.equal(v, finetuned[k])]
     assert changed  # it trained from the Original's weights...
