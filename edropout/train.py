@@ -445,6 +445,12 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
         if resume is None:  # resumable from anywhere
             config.original_dir = str(Path(config.original_dir).resolve())
 
+    if config.mode in BASELINES:  # a sibling run: EDropout's state must be there before anything is written
+        parent = Path(resume if resume is not None else config.run_dir or ".").parent
+        if config.run_dir is None or not (parent / "best.pt").is_file():
+            raise RunError(f"mode {config.mode} is the baseline that --baselines {config.mode} trains in the folder "
+                           f"of an EDropout run; {parent} holds no EDropout best.pt")
+
     # data, then the run directory (so that missing data leaves nothing behind); rank 0 creates it
     if several and config.download:  # one process downloads, the others then read what it wrote
         on_rank0(lambda: load_data(config).num_classes)

@@ -532,7 +532,8 @@ def test_cli_bad_baselines(tmp_path, capsys):
     for args, word in ((["--baselines", "scratch,prune"], "'prune'"),
                        (["--baselines", "scratch", "--mode", "random"], "mode edropout"),
                        (["--finetune-epochs", "0"], "finetune_epochs"),
-                       (["--original-dir", str(tmp_path / "none")], "config.json")):
+                       (["--original-dir", str(tmp_path / "none")], "config.json"),
+                       (["--mode", "scratch"], "--baselines scratch")):
         assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and word in err, err
