@@ -2,10 +2,13 @@
 // the op, the argument and what was expected, raised as a Python ValueError.
 #pragma once
 
+#include <c10/util/string_view.h>
 #include <torch/types.h>
 
 #include <cstdint>
 #include <vector>
+
+#include "philox.h"
 
 namespace edropout {
 
@@ -88,6 +91,13 @@ inline std::vector<Block> check_energy_terms(const char* op, const at::Tensor& s
   check_vector(op, "field", field, at::kFloat, states.size(1), "D");
   check_device(op, "field", field, states);
   return check_blocks(op, block_sizes, block_ranks, couplings, states);
+}
+
+// The `rule` argument of evolve and evolve_step.
+inline EvolveRule check_rule(const char* op, c10::string_view rule) {
+  const bool classic = rule == "classic";
+  TORCH_CHECK_VALUE(classic || rule == "edropout", op, ": rule must be 'classic' or 'edropout', got '", rule, "'");
+  return classic ? EvolveRule::kClassic : EvolveRule::kEDropout;
 }
 
 inline void check_evolve_inputs(const char* op, const at::Tensor& population, double mutation, double crossover,

@@ -15,12 +15,15 @@ TORCH_LIBRARY(edropout, m) {
   // Energy of each state: E = -sum_i h_i s_i - 1/2 sum_l sum_{i != j in block l} J_ij s_i s_j, s = 2*states - 1,
   // with block l dense (block_ranks[l] == 0: J, n x n) or factored (rank r: W, n x r, J = -W W^T).
   m.def("ising_energy(Tensor states, Tensor field, Tensor couplings, int[] block_sizes, int[] block_ranks) -> Tensor");
-  // One generation of binary differential evolution: the trial population.
-  m.def("evolve(Tensor population, int seed, int step, float mutation, float crossover, Tensor? keep) -> Tensor");
+  // One generation of evolution, rule 'classic' (binary differential evolution) or 'edropout': the trials.
+  m.def(
+      "evolve(Tensor population, int seed, int step, float mutation, float crossover, Tensor? keep, "
+      "str rule='classic') -> Tensor");
   // Greedy one-to-one selection: (population, energies, best_index).
   m.def("select(Tensor population, Tensor energies, Tensor trials, Tensor trial_energies) -> (Tensor, Tensor, Tensor)");
   // evolve -> ising_energy of the trials -> select, fused: (population, energies, best_index).
   m.def(
       "evolve_step(Tensor population, Tensor energies, Tensor field, Tensor couplings, int[] block_sizes, "
-      "int[] block_ranks, int seed, int step, float mutation, float crossover, Tensor? keep) -> (Tensor, Tensor, Tensor)");
+      "int[] block_ranks, int seed, int step, float mutation, float crossover, Tensor? keep, str rule='classic') "
+      "-> (Tensor, Tensor, Tensor)");
 }

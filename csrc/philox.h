@@ -40,7 +40,8 @@ EDROPOUT_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_
 //   key     = (seed & 0xffffffff, seed >> 32)
 //   counter = (j, k, step & 0xffffffff, step >> 32)
 // where k is the member and j = d / 2 for the draws of units d (words 2*(d%2) and 2*(d%2)+1 of the
-// block: mutation, crossover) or j = kMemberCounter for the member's donors and forced index.
+// block: mutation, crossover) or j = kMemberCounter for the member's donors and forced index. Both rules
+// draw the same words; the edropout rule leaves the forced index unused.
 constexpr uint32_t kMemberCounter = 0xFFFFFFFFu;
 
 struct EvolveKey {
@@ -93,14 +94,29 @@ EDROPOUT_HD Donors draw_donors(const EvolveKey& key, int32_t k, int32_t K, int32
   return {r1, r2, r3, forced};
 }
 
-// The trial bit of one unit: mutant v = x_r1, flipped where x_r2 != x_r3 with probability
-// `mutation`; trial = v with probability `crossover` (always at the forced unit), else x_k.
-EDROPOUT_HD uint8_t trial_bit(uint8_t x_k, uint8_t x_r1, uint8_t x_r2, uint8_t x_r3, uint32_t w_mutation,
-                              uint32_t w_crossover, bool forced, uint64_t mutation_threshold,
+// The mutation rule of `evolve` (the op's `rule` argument).
+enum class EvolveRule : int32_t {
+  kClassic,   // binary differential evolution
+  kEDropout,  // the rule of the EDropout paper's reference code
+};
+
+// The trial bit of one unit. m = w_mutation < mutation_threshold.
+//   classic:  mutant v = x_r1, flipped where m and x_r2 != x_r3; trial = v with probability `crossover`
+//             (always at the member's forced unit), else x_k.
+//   edropout: v = x_r1 where not m; where m, v = 1 - x_r1 if x_r2 == x_r3 and 0 if they differ;
+//             trial = v with probability `crossover`, else x_k; no unit is forced (`forced` is ignored).
+EDROPOUT_HD uint8_t trial_bit(EvolveRule rule, uint8_t x_k, uint8_t x_r1, uint8_t x_r2, uint8_t x_r3,
+                              uint32_t w_mutation, uint32_t w_crossover, bool forced, uint64_t mutation_threshold,
                               uint64_t crossover_threshold) {
-  const uint8_t flip = (x_r2 != x_r3) && (w_mutation < mutation_threshold);
+  const bool mutate = w_mutation < mutation_threshold;
+  const bool take = w_crossover < crossover_threshold;
+  if (rule == EvolveRule::kEDropout) {
+    const uint8_t mutant = !mutate ? x_r1 : (x_r2 == x_r3 ? static_cast<uint8_t>(1 - x_r1) : uint8_t{0});
+    return take ? mutant : x_k;
+  }
+  const uint8_t flip = mutate && x_r2 != x_r3;
   const uint8_t mutant = x_r1 ^ flip;
-  return (forced || w_crossover < crossover_threshold) ? mutant : x_k;
+  return (forced || take) ? mutant : x_k;
 }
 
 }  // namespace edropout

@@ -7,11 +7,12 @@
         ed.step(inputs, targets)                  # evolve, score, select, apply the best state
     ed.end_epoch()                                # once per epoch: early state convergence
 
-Each step evolves the population by binary differential evolution (``ops.evolve``), scores the trials,
-keeps each trial that beats its parent (``ops.select``) and applies the best state to the model as a
-dropout mask. With the Ising energy, whose value only changes when its terms are refreshed, the three run
-fused in one op (``ops.evolve_step``). From epoch ``freeze_after`` on, once the best state has not changed
-for ``patience`` steps, it is frozen: dropout has become pruning.
+Each step evolves the population (``ops.evolve``: binary differential evolution, or with ``rule="edropout"``
+the mutation rule of the EDropout paper's reference code), scores the trials, keeps each trial that beats
+its parent (``ops.select``) and applies the best state to the model as a dropout mask. With the Ising
+energy, whose value only changes when its terms are refreshed, the three run fused in one op
+(``ops.evolve_step``). From epoch ``freeze_after`` on, once the best state has not changed for ``patience``
+steps, it is frozen: dropout has become pruning.
 
 Dropped units' weights are kept and get zero gradient from the loss; the optimiser's weight decay still
 shrinks them (and momentum keeps moving them for a while), as for any parameter without gradient, so a
@@ -53,6 +54,8 @@ class EDropout:
         population: K candidate states (at least 4).
         p_init: probability that a unit is kept in the initial states (the seed: 0.5).
         mutation, crossover: the evolution's probabilities (see ``ops.evolve``).
+        rule: the evolution's mutation rule, ``"classic"`` (binary differential evolution) or ``"edropout"``
+            (the EDropout paper's reference code); see ``ops.evolve``.
         keep_rate: a fraction of the prunable units to keep, or None to follow the energy alone. The
             initial states and every trial then keep exactly that many prunable units (rounded): a state
             with too many (too few) has randomly chosen kept (dropped) units flipped before it is scored,
@@ -70,7 +73,8 @@ class EDropout:
     def __init__(self, model: nn.Module, energy: Optional[Energy] = None, population: int = 8,
                  p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
                  keep_rate: Optional[float] = None, freeze_after: Optional[int] = 100, patience: int = 100,
-                 seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None):
+                 seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None,
+                 rule: str = "classic"):
         if population < 4:
             raise ValueError(f"population must be at least 4 candidate states, got {population}")
         for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
@@ -80,6 +84,7 @@ class EDropout:
             raise ValueError(f"keep_rate must be a fraction in (0, 1] or None, got {keep_rate}")
         if patience < 1:
             raise ValueError(f"patience must be a positive number of steps, got {patience}")
+        _check_rule(rule)
         if energy is not None and not isinstance(energy, Energy):
             raise ValueError(f"energy must be an edropout.energies.Energy, got {type(energy).__name__}")
 
@@ -92,6 +97,7 @@ class EDropout:
         self.always_kept = self.units.always_kept(device)
         self.prunable = (~self.always_kept).float()
         self.mutation, self.crossover, self.seed = float(mutation), float(crossover), int(seed)
+        self.rule = rule
         self.keep_rate = keep_rate
         self.freeze_after, self.patience = freeze_after, int(patience)
         self.activity_every = 10  # training forwards between two samples of the units' activity
@@ -135,7 +141,8 @@ class EDropout:
                 result = ops.select(self.population, scores[:K], trials, scores[K:])
             elif type(self.energy) is IsingEnergy and self.keep_rate is None:
                 result = ops.evolve_step(self.population, self.energies, self.energy.field, self.energy.couplings,
-                                         self.seed, self.steps, self.mutation, self.crossover, self.always_kept)
+                                         self.seed, self.steps, self.mutation, self.crossover, self.always_kept,
+                                         self.rule)
             else:
                 trials = self._trials()
                 result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
@@ -204,12 +211,13 @@ class EDropout:
         return {"population": self.population, "energies": self.energies, "best": self.best,
                 "unchanged": self.unchanged, "mask": self.masks.mask, "activity": self.masks.activity,
                 "steps": self.steps, "epoch": self.epoch, "frozen": self.frozen, "seed": self.seed,
-                "energy": self.energy.state_dict()}
+                "rule": self.rule, "energy": self.energy.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["population"].shape != self.population.shape:
             raise ValueError(f"state_dict: population of shape {tuple(state['population'].shape)} does not fit "
                              f"this controller's {tuple(self.population.shape)} (K, D)")
+        rule = _check_rule(state.get("rule", "classic"))  # older checkpoints predate the rule: classic
         device = self.population.device
         self.population = state["population"].to(device)
         self.energies = None if state["energies"] is None else state["energies"].to(device)
@@ -218,6 +226,7 @@ class EDropout:
         self.masks.activity.copy_(state["activity"])
         self.steps, self.epoch = state["steps"], state["epoch"]
         self.frozen, self.seed = state["frozen"], state["seed"]
+        self.rule = rule
         self.masks.collect = not self.frozen and self.steps % self.activity_every == 0
         self.energy.load_state_dict(state["energy"])
 
@@ -243,7 +252,8 @@ class EDropout:
 
     def _trials(self) -> Tensor:
         """This step's trial population (``ops.evolve``), repaired to the keep_rate."""
-        trials = ops.evolve(self.population, self.seed, self.steps, self.mutation, self.crossover, self.always_kept)
+        trials = ops.evolve(self.population, self.seed, self.steps, self.mutation, self.crossover, self.always_kept,
+                            self.rule)
         return self._repair(trials, self.steps)
 
     def _refresh_if_due(self) -> None:
@@ -276,3 +286,9 @@ class EDropout:
         self.unchanged = torch.where(changed, torch.zeros_like(self.unchanged), self.unchanged + 1)
         self.masks.mask.copy_(state)
         self.best = best
+
+
+def _check_rule(rule: str) -> str:
+    if rule not in ops.RULES:
+        raise ValueError(f"rule must be 'classic' or 'edropout', got {rule!r}")
+    return rule

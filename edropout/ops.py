@@ -9,7 +9,7 @@ live in :mod:`edropout.reference`.
 op                 what it computes
 =================  ==============================================================================
 ``ising_energy``   E(σ) = −Σ_i h_i σ_i − ½ Σ_l Σ_{i≠j in block l} J^l_ij σ_i σ_j, σ = 2s − 1
-``evolve``         one generation of binary differential evolution: the trial population
+``evolve``         one generation of evolution (rule ``"classic"`` or ``"edropout"``): the trial population
 ``select``         greedy one-to-one selection of trials against their parents, and the best index
 ``evolve_step``    ``evolve`` → ``ising_energy`` of the trials → ``select``, fused
 =================  ==============================================================================
@@ -28,7 +28,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Couplings", "Factored", "ising_energy", "evolve", "select", "evolve_step"]
+__all__ = ["Couplings", "Factored", "RULES", "ising_energy", "evolve", "select", "evolve_step"]
+
+RULES = ("classic", "edropout")  # the mutation rules of evolve and evolve_step (their `rule` argument)
 
 
 class Factored(NamedTuple):
@@ -131,18 +133,29 @@ def evolve(
     mutation: float = 0.1,
     crossover: float = 0.9,
     keep: Optional[Tensor] = None,
+    rule: str = "classic",
 ) -> Tensor:
-    """One generation of binary differential evolution; returns the trial population (uint8 ``[K, D]``).
+    """One generation of evolution; returns the trial population (uint8 ``[K, D]``).
 
-    For member k, three distinct members r1, r2, r3, all ≠ k, are drawn (so K ≥ 4). The mutant is
-    v_d = 1 − x_{r1,d} where x_{r2,d} ≠ x_{r3,d} with probability ``mutation``, else x_{r1,d}; the trial
-    takes u_d = v_d with probability ``crossover`` and always at one random unit d_k, else x_{k,d}.
+    For member k, three distinct members r1, r2, r3, all ≠ k, are drawn (so K ≥ 4). Per unit d, m_d is
+    true with probability ``mutation``; then, by ``rule``:
+
+    * ``"classic"`` (binary differential evolution): the mutant is v_d = 1 − x_{r1,d} where m_d and
+      x_{r2,d} ≠ x_{r3,d}, else x_{r1,d}; the trial takes u_d = v_d with probability ``crossover`` and
+      always at one random unit d_k, else x_{k,d}. Where the donors agree nothing flips: a population of
+      identical rows gives trials equal to their parents.
+    * ``"edropout"`` (the rule of the EDropout paper's reference code): where m_d, the mutant is
+      v_d = 1 − x_{r1,d} if x_{r2,d} = x_{r3,d} and 0 if they differ; elsewhere v_d = x_{r1,d}. The trial
+      takes v_d with probability ``crossover``, else x_{k,d}; no unit is forced. Identical rows give
+      trials that differ from their parent in about ``mutation`` × ``crossover`` of the units.
+
     Units flagged in ``keep`` (bool ``[D]``) are 1 in every trial.
 
-    The random numbers come from Philox4x32-10 keyed by ``(seed, step)`` (both taken as 64-bit words):
-    the same arguments give the same trials on every call, bit for bit the same on CPU and CUDA.
+    The random numbers come from Philox4x32-10 keyed by ``(seed, step)`` (both taken as 64-bit words), the
+    same words under both rules: the same arguments give the same trials on every call, bit for bit the
+    same on CPU and CUDA.
     """
-    return torch.ops.edropout.evolve.default(population, seed, step, mutation, crossover, keep)
+    return torch.ops.edropout.evolve.default(population, seed, step, mutation, crossover, keep, rule)
 
 
 def select(
@@ -171,14 +184,16 @@ def evolve_step(
     mutation: float = 0.1,
     crossover: float = 0.9,
     keep: Optional[Tensor] = None,
+    rule: str = "classic",
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """One training step of the population in one call: ``evolve`` → ``ising_energy`` of the trials →
-    ``select``. Same arguments and results as the three ops in turn (``energies`` are the population's
-    current energies); on CUDA it runs in four kernel launches (five with factored blocks) and does not
-    synchronise with the host after its argument checks."""
+    """One training step of the population in one call: ``evolve`` (under ``rule``) → ``ising_energy`` of
+    the trials → ``select``. Same arguments and results as the three ops in turn (``energies`` are the
+    population's current energies); on CUDA it runs in four kernel launches (five with factored blocks) and
+    does not synchronise with the host after its argument checks."""
     c = as_couplings(blocks)
     return torch.ops.edropout.evolve_step.default(
-        population, energies, field, c.values, list(c.sizes), list(c.ranks), seed, step, mutation, crossover, keep
+        population, energies, field, c.values, list(c.sizes), list(c.ranks), seed, step, mutation, crossover, keep,
+        rule,
     )
 
 
@@ -189,7 +204,7 @@ def _ising_energy_fake(states, field, couplings, block_sizes, block_ranks):
 
 
 @torch.library.register_fake("edropout::evolve")
-def _evolve_fake(population, seed, step, mutation, crossover, keep):
+def _evolve_fake(population, seed, step, mutation, crossover, keep, rule="classic"):
     return torch.empty_like(population)
 
 
@@ -199,5 +214,6 @@ def _select_fake(population, energies, trials, trial_energies):
 
 
 @torch.library.register_fake("edropout::evolve_step")
-def _evolve_step_fake(population, energies, field, couplings, block_sizes, block_ranks, seed, step, mutation, crossover, keep):
+def _evolve_step_fake(population, energies, field, couplings, block_sizes, block_ranks, seed, step, mutation, crossover,
+                      keep, rule="classic"):
     return torch.empty_like(population), torch.empty_like(energies), population.new_empty((), dtype=torch.int64)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ops import BlocksLike, Factored, as_couplings
+from .ops import RULES, BlocksLike, Factored, as_couplings
 
 __all__ = ["philox4x32_10", "evolve", "ising_energy", "select", "evolve_step"]
 
@@ -62,6 +62,7 @@ def evolve(
     mutation: float = 0.1,
     crossover: float = 0.9,
     keep: Optional[Tensor] = None,
+    rule: str = "classic",
 ) -> Tensor:
     """Reference of :func:`edropout.ops.evolve` (same generator, same draws, computed on the CPU)."""
     device = population.device
@@ -69,6 +70,8 @@ def evolve(
     K, D = x.shape
     if K < 4:
         raise ValueError(f"evolve: population must have at least 4 members (rows), got K = {K}")
+    if rule not in RULES:
+        raise ValueError(f"evolve: rule must be 'classic' or 'edropout', got {rule!r}")
     seed_lo, seed_hi = _words(seed)
     step_lo, step_hi = _words(step)
     members = torch.arange(K)
@@ -95,9 +98,14 @@ def evolve(
     unit_words = torch.stack(draw(pairs[None, :], members[:, None]), dim=2).reshape(K, -1)
     w_mutation, w_crossover = unit_words[:, 0::2][:, :D], unit_words[:, 1::2][:, :D]
 
-    flip = (x[r2] != x[r3]) & (w_mutation < _threshold(mutation))
-    mutant = x[r1] ^ flip.long()
-    take = (w_crossover < _threshold(crossover)) | (torch.arange(D)[None, :] == forced[:, None])
+    mutate = w_mutation < _threshold(mutation)
+    differ = x[r2] != x[r3]
+    take = w_crossover < _threshold(crossover)
+    if rule == "classic":
+        mutant = x[r1] ^ (mutate & differ).long()
+        take = take | (torch.arange(D)[None, :] == forced[:, None])
+    else:  # edropout: where mutated, 1 - x_r1 if the other donors agree, 0 if they differ; nothing forced
+        mutant = torch.where(mutate, torch.where(differ, 0, 1 - x[r1]), x[r1])
     trials = torch.where(take, mutant, x)
     if keep is not None:
         trials[:, keep.to("cpu", torch.bool)] = 1
@@ -151,9 +159,10 @@ def evolve_step(
     mutation: float = 0.1,
     crossover: float = 0.9,
     keep: Optional[Tensor] = None,
+    rule: str = "classic",
     dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`edropout.ops.evolve_step`: the three references in turn (energies in ``dtype``)."""
-    trials = evolve(population, seed, step, mutation, crossover, keep)
+    trials = evolve(population, seed, step, mutation, crossover, keep, rule)
     trial_energies = ising_energy(trials, field, blocks, dtype).to(energies.dtype)
     return select(population, energies, trials, trial_energies)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edropout import ops
+from edropout import ops, reference
 from edropout.ops import Couplings, Factored
 
 CUDA = torch.cuda.is_available()
@@ -84,6 +84,10 @@ def test_evolve():
     raises(lambda: ops.evolve(pop, 0, 0, keep=torch.ones(5, dtype=torch.bool)), "keep", "[D]")
     big = torch.zeros(2049, 3, dtype=torch.uint8)
     raises(lambda: ops.evolve(big, 0, 0), "population", "at most 2048")
+    for rule in ["binary", "", "Classic"]:
+        raises(lambda: ops.evolve(pop, 0, 0, rule=rule), "edropout.evolve", "rule", "'classic' or 'edropout'")
+    raises(lambda: ops.evolve(pop, 0, 0, rule="de"), "rule", "got 'de'")
+    raises(lambda: reference.evolve(pop, 0, 0, rule="de"), "rule", "'classic' or 'edropout'", "'de'")
 
 
 def test_select():
@@ -105,6 +109,8 @@ def test_evolve_step():
     raises(lambda: ops.evolve_step(pop, e, h, Couplings.from_blocks([torch.randn(6, 6), torch.randn(1, 1)]), 0, 0),
            "block_sizes")
     raises(lambda: ops.evolve_step(pop, e, h, c, 0, 0, mutation=2.0), "mutation")
+    raises(lambda: ops.evolve_step(pop, e, h, c, 0, 0, rule="de"), "edropout.evolve_step", "rule",
+           "'classic' or 'edropout'", "got 'de'")
 
 
 @pytest.mark.cuda

@@ -7,7 +7,7 @@ from torch import nn
 
 import edropout
 import edropout.models
-from edropout import EDropout
+from edropout import EDropout, ops
 from edropout.energies import EnergyLoss, IsingEnergy
 
 
@@ -48,8 +48,8 @@ def train_steps(model, ed, gen, steps, optimizer=None, record=None):
 
 
 def random_state(ed, gen):
-    """Half of the units at random, and at least one dropped and one kept unit in every layer."""
-    state = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept
+    """Half of the units at random, and at least one dropped and one kept unit in every layer (on the CPU)."""
+    state = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept.cpu()
     for layer in ed.units:
         if not layer.always_kept and layer.size > 1:
             state[layer.start], state[layer.start + 1] = False, True
@@ -139,9 +139,10 @@ def test_batched_candidates_equal_separate_forwards(gen, device):
             torch.testing.assert_close(batched[k], model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_round_trip_reproduces_the_next_steps(gen):
+@pytest.mark.parametrize("rule", ["classic", "edropout"])
+def test_state_dict_round_trip_reproduces_the_next_steps(gen, rule):
     model = SmallCNN()
-    ed = EDropout(model, energy=IsingEnergy(refresh_every=4), seed=3)
+    ed = EDropout(model, energy=IsingEnergy(refresh_every=4), seed=3, rule=rule)
     optimizer = train_steps(model, ed, gen, 6)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     saved = copy.deepcopy(ed.state_dict())
@@ -151,8 +152,9 @@ def test_state_dict_round_trip_reproduces_the_next_steps(gen):
 
     model2 = SmallCNN()
     model2.load_state_dict(saved_model)
-    ed2 = EDropout(model2, energy=IsingEnergy(refresh_every=4), seed=99)
+    ed2 = EDropout(model2, energy=IsingEnergy(refresh_every=4), seed=99)  # the rule comes from the state_dict
     ed2.load_state_dict(saved)
+    assert ed2.rule == rule
     optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
     optimizer2.load_state_dict(saved_opt)
     gen.set_state(rng)
@@ -160,6 +162,35 @@ def test_state_dict_round_trip_reproduces_the_next_steps(gen):
     train_steps(model2, ed2, gen, 10, optimizer2, second)
     for (s1, e1), (s2, e2) in zip(first, second):
         assert torch.equal(s1, s2) and torch.equal(e1, e2)
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.4])  # the fused ops.evolve_step; ops.evolve, repair, select
+def test_edropout_rule_drives_the_steps(gen, keep_rate):
+    model = SmallCNN()
+    ed = EDropout(model, keep_rate=keep_rate, seed=8, rule="edropout")
+    assert ed.rule == "edropout"
+    train_steps(model, ed, gen, 3)
+    population, energies, step = ed.population.clone(), ed.energies.clone(), ed.steps
+    args = (population, ed.seed, step, ed.mutation, ed.crossover, ed.always_kept)
+    trials = ed._repair(ops.evolve(*args, rule="edropout"), step)
+    assert not torch.equal(trials, ed._repair(ops.evolve(*args), step))  # the rule makes a difference
+    expected_population, expected_energies, _ = ops.select(population, energies, trials, ed.energy(trials))
+    ed.step()
+    assert torch.equal(ed.population, expected_population) and torch.equal(ed.energies, expected_energies)
+    train_steps(model, ed, gen, 20)
+    assert ed.stats()["step"] == 24 and ed.state[ed.always_kept].all()
+    assert torch.equal(ed.state, ed.population[ed.best])
+
+
+def test_state_dict_without_rule_loads_as_classic():
+    model = SmallCNN()
+    ed = EDropout(model, rule="edropout")
+    assert ed.state_dict()["rule"] == "edropout"
+    older = {key: value for key, value in ed.state_dict().items() if key != "rule"}
+    ed.load_state_dict(older)
+    assert ed.rule == "classic"
+    with pytest.raises(ValueError, match="rule"):
+        ed.load_state_dict(dict(older, rule="binary"))
 
 
 def test_dead_kernel_dropped_and_duplicate_pair_keeps_one(gen):
@@ -234,7 +265,7 @@ def test_bad_arguments():
     model = SmallCNN()
     for kwargs, word in [({"population": 3}, "population"), ({"p_init": 1.5}, "p_init"),
                          ({"keep_rate": 0.0}, "keep_rate"), ({"energy": "ising"}, "energy"),
-                         ({"patience": 0}, "patience")]:
+                         ({"patience": 0}, "patience"), ({"rule": "binary"}, "rule")]:
         with pytest.raises(ValueError, match=word):
             EDropout(model, **kwargs)
 

@@ -29,23 +29,40 @@ def test_matches_reference_exactly(device, gen, K, D):
     assert torch.equal(trials.cpu(), reference.evolve(population, keep=keep, **args).cpu())
 
 
+@pytest.mark.parametrize("K", [4, 5, 17, 64])
+@pytest.mark.parametrize("D", [1, 3, 31, 33, 999, 8193, 100_001])  # > 8192: several CPU tasks per member
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_edropout_rule_matches_reference_exactly(device, gen, K, D, with_keep):
+    population = random_states(K, D, gen, device=device)
+    args = random_args(gen)
+    keep = (torch.rand(D, generator=gen) < 0.3).to(device) if with_keep else None
+    trials = ops.evolve(population, keep=keep, rule="edropout", **args)
+    assert trials.dtype == torch.uint8 and trials.shape == (K, D) and trials.device == population.device
+    assert torch.equal(trials.cpu(), reference.evolve(population, keep=keep, rule="edropout", **args).cpu())
+
+
+@pytest.mark.parametrize("rule", ["classic", "edropout"])
 @pytest.mark.parametrize("p", [0.0, 1.0])
-def test_probability_edges_match_reference(device, gen, p):
+def test_probability_edges_match_reference(device, gen, p, rule):
     population = random_states(6, 500, gen, device=device)
+    keep = (torch.rand(500, generator=gen) < 0.1).to(device)
     for mutation, crossover in [(p, 0.5), (0.5, p), (p, p)]:
-        assert torch.equal(ops.evolve(population, 3, 4, mutation, crossover).cpu(),
-                           reference.evolve(population, 3, 4, mutation, crossover).cpu())
+        assert torch.equal(ops.evolve(population, 3, 4, mutation, crossover, rule=rule).cpu(),
+                           reference.evolve(population, 3, 4, mutation, crossover, rule=rule).cpu())
+        assert torch.equal(ops.evolve(population, 5, 6, mutation, crossover, keep, rule).cpu(),
+                           reference.evolve(population, 5, 6, mutation, crossover, keep, rule).cpu())
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA")
 @pytest.mark.parametrize("K,D", [(4, 1), (8, 54822), (64, 100_003), (65, 777), (130, 4099)])
-def test_cpu_and_cuda_bit_identical(gen, K, D):
+@pytest.mark.parametrize("rule", ["classic", "edropout"])
+def test_cpu_and_cuda_bit_identical(gen, K, D, rule):
     population = random_states(K, D, gen)
     keep = torch.rand(D, generator=gen) < 0.05
     args = random_args(gen)
-    on_cpu = ops.evolve(population, keep=keep, **args)
-    on_cuda = ops.evolve(population.cuda(), keep=keep.cuda(), **args)
+    on_cpu = ops.evolve(population, keep=keep, rule=rule, **args)
+    on_cuda = ops.evolve(population.cuda(), keep=keep.cuda(), rule=rule, **args)
     assert torch.equal(on_cpu, on_cuda.cpu())
 
 
@@ -153,8 +170,73 @@ def test_non_contiguous_population(device, gen):
     assert torch.equal(ops.evolve(pop, 2, 3), ops.evolve(pop.contiguous(), 2, 3))
 
 
-def test_opcheck(device, gen):
+@pytest.mark.parametrize("rule", ["classic", "edropout"])
+def test_opcheck(device, gen, rule):
     pop = random_states(6, 77, gen, device=device)
     keep = (torch.rand(77, generator=gen) < 0.3).to(device)
-    torch.library.opcheck(torch.ops.edropout.evolve.default, (pop, 5, 6, 0.1, 0.9, keep))
-    torch.library.opcheck(torch.ops.edropout.evolve.default, (pop, 5, 6, 0.1, 0.9, None))
+    torch.library.opcheck(torch.ops.edropout.evolve.default, (pop, 5, 6, 0.1, 0.9, keep, rule))
+    torch.library.opcheck(torch.ops.edropout.evolve.default, (pop, 5, 6, 0.1, 0.9, None, rule))
+
+
+def test_rule_defaults_to_classic(gen):
+    pop = random_states(6, 300, gen)
+    classic = ops.evolve(pop, 8, 9, 0.4, 0.6, rule="classic")
+    assert torch.equal(ops.evolve(pop, 8, 9, 0.4, 0.6), classic)
+    assert torch.equal(torch.ops.edropout.evolve.default(pop, 8, 9, 0.4, 0.6, None), classic)  # schema default
+    assert not torch.equal(ops.evolve(pop, 8, 9, 0.4, 0.6, rule="edropout"), classic)
+
+
+def binomial_bound(n, p, sigmas=5):
+    return sigmas * (n * p * (1 - p)) ** 0.5
+
+
+@pytest.mark.parametrize("mutation,crossover", [(0.1, 0.9), (0.35, 0.6), (1.0, 0.5)])
+def test_identical_rows_edropout_flips_mutation_times_crossover(device, gen, mutation, crossover):
+    # Identical rows: every donor agrees, so the edropout rule flips x_r1 = x_k where the mutation and the
+    # crossover draws both hit, nowhere else; classic flips nothing (its forced unit takes x_r1 = x_k).
+    K, D = 8, 60_000
+    keep = torch.rand(D, generator=gen) < 0.1
+    row = random_states(1, D, gen) | keep.to(torch.uint8)  # as in the controller: kept units are 1
+    pop, keep = row.expand(K, D).contiguous().to(device), keep.to(device)
+    seed, step = int(torch.randint(0, 2**62, (1,), generator=gen)), int(torch.randint(0, 2**20, (1,), generator=gen))
+    trials = ops.evolve(pop, seed, step, mutation, crossover, keep, rule="edropout")
+    changed = trials != pop
+    assert not changed[:, keep].any()
+    n, p = K * int((~keep).sum()), mutation * crossover
+    assert abs(int(changed.sum()) - n * p) < binomial_bound(n, p), (int(changed.sum()), n * p)
+    for k in range(K):  # each trial on its own, too
+        n_k = int((~keep).sum())
+        assert abs(int(changed[k].sum()) - n_k * p) < binomial_bound(n_k, p)
+    assert torch.equal(ops.evolve(pop, seed, step, mutation, crossover, keep), pop)
+    assert torch.equal(ops.evolve(pop, seed, step, mutation, crossover), pop)
+
+
+def test_edropout_mutant_where_donors_agree_and_differ(device, gen):
+    # crossover = 1: the trial is the mutant everywhere. mutation = 0 gives x_r1 under both rules; classic
+    # with mutation = 1 gives x_r1 XOR (x_r2 != x_r3), which shows where the donors differ. The edropout rule
+    # with mutation = 1 must give 0 there and 1 - x_r1 where they agree: the same donors, the other mutant.
+    K, D = 9, 5000
+    pop = random_states(K, D, gen, device=device)
+    copy_r1 = ops.evolve(pop, 4, 2, mutation=0.0, crossover=1.0)
+    assert torch.equal(ops.evolve(pop, 4, 2, mutation=0.0, crossover=1.0, rule="edropout"), copy_r1)
+    donors_differ = ops.evolve(pop, 4, 2, mutation=1.0, crossover=1.0) != copy_r1
+    mutants = ops.evolve(pop, 4, 2, mutation=1.0, crossover=1.0, rule="edropout")
+    assert torch.equal(mutants, torch.where(donors_differ, 0, 1 - copy_r1).to(torch.uint8))
+
+
+def test_edropout_rule_forces_no_unit(device, gen):
+    # crossover = 0: classic still takes the mutant at one forced unit per member, the edropout rule nowhere.
+    pop = random_states(8, 3000, gen, device=device)
+    for step in range(5):
+        assert torch.equal(ops.evolve(pop, 21, step, mutation=0.7, crossover=0.0, rule="edropout"), pop)
+        assert ((ops.evolve(pop, 21, step, mutation=0.7, crossover=0.0) != pop).sum(dim=1) <= 1).all()
+
+
+def test_rules_share_the_crossover_words(device, gen):
+    # mutation = 0: both rules take x_r1 where the same crossover draws hit; classic also at its forced unit.
+    K, D = 8, 4000
+    pop = random_states(K, D, gen, device=device)
+    crossover = float(torch.rand(1, generator=gen))
+    classic = ops.evolve(pop, 13, 3, mutation=0.0, crossover=crossover)
+    edropout_rule = ops.evolve(pop, 13, 3, mutation=0.0, crossover=crossover, rule="edropout")
+    assert ((classic != edropout_rule).sum(dim=1) <= 1).all()

@@ -47,9 +47,12 @@ struct Thresholds {
 
 // trial_bit of csrc/philox.h for `units` consecutive units (at most 2 kLanes), no unit forced, written so
 // that the compiler vectorises it; unit 2 lane + half uses words[2 half][lane] and words[2 half + 1][lane].
+// Both rules in one branch-free loop: with m the mutation draw and `differ` = x_r2 != x_r3, the mutant is
+// x_r1 ^ flip, cleared where `clear`: classic flips where m & differ; edropout flips where m & !differ and
+// clears (0) where m & differ.
 EDROPOUT_CPU_CLONES
-void trial_bits(const uint8_t* x, const uint8_t* x1, const uint8_t* x2, const uint8_t* x3, const bool* keep,
-                const uint32_t words[4][kLanes], int64_t units, const Thresholds& t, uint8_t* out) {
+void trial_bits(EvolveRule rule, const uint8_t* x, const uint8_t* x1, const uint8_t* x2, const uint8_t* x3,
+                const bool* keep, const uint32_t words[4][kLanes], int64_t units, const Thresholds& t, uint8_t* out) {
   uint32_t w_mutation[2 * kLanes], w_crossover[2 * kLanes];
   for (int64_t lane = 0; lane < kLanes; ++lane) {
     w_mutation[2 * lane] = words[0][lane];
@@ -57,10 +60,14 @@ void trial_bits(const uint8_t* x, const uint8_t* x1, const uint8_t* x2, const ui
     w_mutation[2 * lane + 1] = words[2][lane];
     w_crossover[2 * lane + 1] = words[3][lane];
   }
+  const uint8_t edropout_rule = rule == EvolveRule::kEDropout;
   for (int64_t u = 0; u < units; ++u) {
-    const uint8_t flip = (x2[u] != x3[u]) & ((w_mutation[u] < t.mutation) | t.mutation_always);
+    const uint8_t mutate = (w_mutation[u] < t.mutation) | t.mutation_always;
+    const uint8_t differ = x2[u] != x3[u];
+    const uint8_t flip = mutate & (differ ^ edropout_rule);
+    const uint8_t clear = mutate & differ & edropout_rule;
     const uint8_t take = (w_crossover[u] < t.crossover) | t.crossover_always;
-    const uint8_t bit = take ? static_cast<uint8_t>(x1[u] ^ flip) : x[u];
+    const uint8_t bit = take ? static_cast<uint8_t>((x1[u] ^ flip) & (clear ^ 1)) : x[u];
     out[u] = (keep != nullptr && keep[u]) ? uint8_t{1} : bit;
   }
 }
@@ -73,8 +80,8 @@ Thresholds as_thresholds(uint64_t mutation, uint64_t crossover) {
 
 }  // namespace
 
-void evolve_into(const uint8_t* population, int64_t K, int64_t D, const EvolveKey& key, uint64_t mutation_threshold,
-                 uint64_t crossover_threshold, const bool* keep, uint8_t* trials) {
+void evolve_into(const uint8_t* population, int64_t K, int64_t D, const EvolveKey& key, EvolveRule rule,
+                 uint64_t mutation_threshold, uint64_t crossover_threshold, const bool* keep, uint8_t* trials) {
   const Thresholds thresholds = as_thresholds(mutation_threshold, crossover_threshold);
   std::vector<Donors> donors(K);
   for (int64_t k = 0; k < K; ++k) donors[k] = draw_donors(key, k, K, D);
@@ -97,12 +104,13 @@ void evolve_into(const uint8_t* population, int64_t K, int64_t D, const EvolveKe
       for (int64_t p0 = first; p0 < last; p0 += kLanes) {
         evolve_draws(key, static_cast<uint32_t>(p0), static_cast<uint32_t>(k), words);
         const int64_t d0 = 2 * p0, units = std::min<int64_t>(2 * kLanes, D - d0);
-        trial_bits(x + d0, x1 + d0, x2 + d0, x3 + d0, keep ? keep + d0 : nullptr, words, units, thresholds,
+        trial_bits(rule, x + d0, x1 + d0, x2 + d0, x3 + d0, keep ? keep + d0 : nullptr, words, units, thresholds,
                    out + d0);
-        if (dn.forced >= d0 && dn.forced < d0 + units) {  // the forced unit always takes the mutant's bit
+        // classic: the forced unit always takes the mutant's bit (the edropout rule forces none)
+        if (rule == EvolveRule::kClassic && dn.forced >= d0 && dn.forced < d0 + units) {
           const int64_t d = dn.forced, lane = (d - d0) / 2, half = (d - d0) % 2;
           out[d] = (keep && keep[d]) ? uint8_t{1}
-                                     : trial_bit(x[d], x1[d], x2[d], x3[d], words[2 * half][lane],
+                                     : trial_bit(rule, x[d], x1[d], x2[d], x3[d], words[2 * half][lane],
                                                  words[2 * half + 1][lane], true, mutation_threshold,
                                                  crossover_threshold);
         }
@@ -114,13 +122,14 @@ void evolve_into(const uint8_t* population, int64_t K, int64_t D, const EvolveKe
 namespace {
 
 at::Tensor evolve_cpu(const at::Tensor& population, int64_t seed, int64_t step, double mutation, double crossover,
-                      const c10::optional<at::Tensor>& keep) {
+                      const c10::optional<at::Tensor>& keep, c10::string_view rule) {
   constexpr const char* op = "edropout.evolve";
   check_evolve_inputs(op, population, mutation, crossover, keep);
+  const EvolveRule evolve_rule = check_rule(op, rule);
   const at::Tensor pop = population.contiguous();
   const at::Tensor keep_mask = keep.has_value() ? keep->contiguous() : at::Tensor();
   at::Tensor trials = at::empty_like(pop);
-  evolve_into(pop.data_ptr<uint8_t>(), pop.size(0), pop.size(1), make_evolve_key(seed, step),
+  evolve_into(pop.data_ptr<uint8_t>(), pop.size(0), pop.size(1), make_evolve_key(seed, step), evolve_rule,
               probability_threshold(mutation), probability_threshold(crossover),
               keep_mask.defined() ? keep_mask.data_ptr<bool>() : nullptr, trials.data_ptr<uint8_t>());
   return trials;

@@ -17,9 +17,9 @@
 
 namespace edropout::cpu {
 
-// trials[K, D] <- one generation of binary differential evolution of population[K, D].
-void evolve_into(const uint8_t* population, int64_t K, int64_t D, const EvolveKey& key, uint64_t mutation_threshold,
-                 uint64_t crossover_threshold, const bool* keep, uint8_t* trials);
+// trials[K, D] <- one generation of evolution of population[K, D] under `rule`.
+void evolve_into(const uint8_t* population, int64_t K, int64_t D, const EvolveKey& key, EvolveRule rule,
+                 uint64_t mutation_threshold, uint64_t crossover_threshold, const bool* keep, uint8_t* trials);
 
 // out[K] <- Ising energy of states[K, D] with dense square coupling blocks.
 void ising_energy_into(const uint8_t* states, int64_t K, int64_t D, const float* field, const float* couplings,

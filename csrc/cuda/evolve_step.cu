@@ -12,10 +12,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> evolve_step_cuda(
     const at::Tensor& population, const at::Tensor& energies, const at::Tensor& field, const at::Tensor& couplings,
     at::IntArrayRef block_sizes, at::IntArrayRef block_ranks, int64_t seed, int64_t step, double mutation, double crossover,
-    const c10::optional<at::Tensor>& keep) {
+    const c10::optional<at::Tensor>& keep, c10::string_view rule) {
   constexpr const char* op = "edropout.evolve_step";
   const std::vector<Block> blocks = check_evolve_step_inputs(op, population, energies, field, couplings, block_sizes,
                                                              block_ranks, mutation, crossover, keep);
+  const EvolveRule evolve_rule = check_rule(op, rule);
 
   const c10::cuda::CUDAGuard guard(population.device());
   const at::Tensor pop = population.contiguous(), e = energies.contiguous();
@@ -27,9 +28,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> evolve_step_cuda(
   at::Tensor trials = at::empty_like(pop);
   at::Tensor bits = at::empty({num_groups(K), D}, pop.options().dtype(at::kLong));
   auto* bit_words = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
-  launch_evolve(pop.data_ptr<uint8_t>(), K, D, make_evolve_key(seed, step), probability_threshold(mutation),
-                probability_threshold(crossover), keep_mask.defined() ? keep_mask.data_ptr<bool>() : nullptr,
-                trials.data_ptr<uint8_t>(), bit_words, stream);
+  launch_evolve(pop.data_ptr<uint8_t>(), K, D, make_evolve_key(seed, step), evolve_rule,
+                probability_threshold(mutation), probability_threshold(crossover),
+                keep_mask.defined() ? keep_mask.data_ptr<bool>() : nullptr, trials.data_ptr<uint8_t>(), bit_words,
+                stream);
   const at::Tensor partial =
       launch_ising_partials(bit_words, K, D, h.data_ptr<float>(), J.data_ptr<float>(), blocks, pop.options(), stream);
 

@@ -20,8 +20,9 @@ constexpr int64_t kGroup = 64;
 
 inline int64_t num_groups(int64_t K) { return (K + kGroup - 1) / kGroup; }
 
-// trials[K, D] <- one generation of evolution; also writes the trials' bits[G][D] when bits != nullptr.
-void launch_evolve(const uint8_t* population, int64_t K, int64_t D, const EvolveKey& key,
+// trials[K, D] <- one generation of evolution under `rule`; also writes the trials' bits[G][D] when
+// bits != nullptr.
+void launch_evolve(const uint8_t* population, int64_t K, int64_t D, const EvolveKey& key, EvolveRule rule,
                    uint64_t mutation_threshold, uint64_t crossover_threshold, const bool* keep, uint8_t* trials,
                    uint64_t* bits, cudaStream_t stream);
 
