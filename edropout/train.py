@@ -232,7 +232,8 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
     return checkpoint
 
 
-def read_config(run_dir: Path) -> TrainConfig:
+def _config_values(run_dir) -> dict:
+    """The JSON object of ``run_dir``/config.json, or RunError (one line)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise RunError(f"{run_dir}: not a run directory (no config.json)")
@@ -242,6 +243,11 @@ def read_config(run_dir: Path) -> TrainConfig:
         raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
     if not isinstance(values, dict):
         raise RunError(f"{path}: expected a JSON object of TrainConfig fields")
+    return values
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    values = _config_values(run_dir)
     if "runs" in values:  # written by train_runs
         raise RunError(f"{run_dir}: a directory of {values['runs']} runs, not one run: name one of them (seed-*/)")
     return TrainConfig.from_dict(values)
@@ -469,10 +475,10 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
         print(f"run {run_dir}: " + json.dumps(asdict(config)) + (f" ({world} processes)" if several else ""))
 
     if config.compare_original and config.original_dir is None:
-        train_sibling(sibling_config(config, run_dir, "original"), quiet, device)
+        train_sibling(sibling_config(config, run_dir, "original"), quiet)
     train_loop(config, run_dir, splits, device, quiet)
     for name in baseline_names(config):
-        train_sibling(sibling_config(config, run_dir, name), quiet, device)
+        train_sibling(sibling_config(config, run_dir, name), quiet)
 
     if rank0:
         report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
@@ -506,20 +512,21 @@ def finetune_lr(config: TrainConfig) -> float:
     return config.finetune_lr if config.finetune_lr is not None else first_lr(config) * config.lr_gamma
 
 
-def train_sibling(config: TrainConfig, quiet: bool, device: torch.device) -> Path:
-    """Train sibling run ``config`` in its run_dir: from the start, from its last checkpoint, or not at all
-    when it is done (its report is written)."""
-    sub_dir = Path(config.run_dir)
-    if (sub_dir / "report.json").is_file():
-        return sub_dir
-    if not quiet and distributed.rank() == 0:
-        print(f"training {config.mode} in {sub_dir}")
-    resume = sub_dir if (sub_dir / "config.json").is_file() else None
-    if resume is not None:
-        stored = read_config(sub_dir)
-        stored.device, stored.dist_timeout = config.device, config.dist_timeout
-        config = stored
-    return train_processes(config, resume, quiet, device, print_report=False)
+def continue_run(config: TrainConfig, quiet: bool, print_report: bool = True) -> Path:
+    """The run of ``config`` in its run_dir: left as it is when finished (its report is the last thing a
+    run writes), resumed from its last checkpoint when started (config.json), else started."""
+    run_dir = Path(config.run_dir)
+    if (run_dir / "report.json").is_file():
+        return run_dir
+    resume = run_dir if (run_dir / "config.json").is_file() else None
+    return train(config, resume=resume, quiet=quiet, print_report=print_report)
+
+
+def train_sibling(config: TrainConfig, quiet: bool) -> Path:
+    """Sibling run ``config`` (original or a baseline), trained, finished or left as it is."""
+    if not quiet and distributed.rank() == 0 and not (Path(config.run_dir) / "report.json").is_file():
+        print(f"training {config.mode} in {config.run_dir}")
+    return continue_run(config, quiet, print_report=False)
 
 
 def original_path(config: TrainConfig, run_dir: Optional[Path]) -> Optional[Path]:
@@ -978,12 +985,8 @@ def resume_runs(parent, device: Optional[str] = None, dist_timeout: Optional[int
     """Continue the runs of ``train_runs`` in ``parent``: each seed's run is resumed (or started, or left
     as it is when its report is written), then the runs are reported as mean ± std."""
     parent = Path(parent)
-    path = parent / "config.json"
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
-    if not isinstance(values, dict) or "runs" not in values:
+    values = _config_values(parent)
+    if "runs" not in values:
         raise RunError(f"{parent}: not a directory of several runs (train --runs N)")
     runs = values.pop("runs")
     config = TrainConfig.from_dict(values)
@@ -1000,21 +1003,14 @@ def resume_runs(parent, device: Optional[str] = None, dist_timeout: Optional[int
 def holds_runs(run_dir) -> bool:
     """Whether ``run_dir`` is a directory of several runs (written by ``train_runs``)."""
     try:
-        values = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
+        return "runs" in _config_values(run_dir)
+    except RunError:
         return False
-    return isinstance(values, dict) and "runs" in values
 
 
 def _train_seeds(config: TrainConfig, parent: Path, runs: int, quiet: bool) -> None:
     for s in range(config.seed, config.seed + runs):
-        sub_dir = parent / f"seed-{s}"
-        if (sub_dir / "report.json").is_file():  # finished (the report is the last thing a run writes)
-            continue
-        if (sub_dir / "config.json").is_file():
-            train(replace(config, seed=s, run_dir=str(sub_dir)), resume=sub_dir, quiet=quiet)
-        else:
-            train(replace(config, seed=s, run_dir=str(sub_dir)), quiet=quiet)
+        continue_run(replace(config, seed=s, run_dir=str(parent / f"seed-{s}")), quiet)
     if distributed.rank() == 0:
         aggregate(parent, quiet=quiet)
 
