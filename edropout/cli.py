@@ -77,6 +77,13 @@ def parser() -> argparse.ArgumentParser:
                                "(default: none, the energy decides)"),
         ("--freeze-after", int, "epoch from which the state may freeze (default 8; seed's schedule 100)"),
         ("--patience", int, "steps without a change of the best state that freeze it (default 50; seed's schedule 100)"),
+        ("--freeze-by", int, "the epoch at whose end the state freezes whatever happens; 0: none "
+                             "(default: half of --epochs)"),
+        ("--evolution", str, "the evolution's mutation rule: edropout (the EDropout reference code's; a converged "
+                             "population keeps exploring) or classic (binary differential evolution) (default edropout)"),
+        ("--mutation", float, "the evolution's mutation probability (default 0.1)"),
+        ("--applied", str, "the state applied until the freeze: best (the population's best) or sample (a member "
+                           "drawn at each step) (default best)"),
         ("--bn-calibration", int, "report: training images on which each row re-estimates its BatchNorm "
                                   "statistics; 0 keeps those of training (default 2048)"),
         ("--seed", int, "seed of the initial weights, data order, validation split, states and evolution "

@@ -44,6 +44,8 @@ from .units import prunable_units
 
 __all__ = ["EDropout"]
 
+APPLIED = ("best", "sample")  # the state applied while the search runs
+
 
 class EDropout:
     """EDropout over the prunable units of ``model`` (see :func:`edropout.prunable_units`).
@@ -62,6 +64,11 @@ class EDropout:
             so the energy decides which units, the constraint how many.
         freeze_after: the epoch (counted by :meth:`end_epoch`) from which the state may freeze; None never.
         patience: steps without a change of the best state after which it freezes.
+        freeze_by: the epoch at whose end the best state freezes whatever happens (a search that keeps
+            exploring may never stay unchanged for ``patience`` steps); None: no deadline.
+        applied: the state applied while the search runs: ``"best"`` (the population's best) or
+            ``"sample"`` (a member drawn at each step, keyed by (seed, step); the best state is applied once
+            it freezes).
         seed: the initial states' and the evolution's random seed.
         exclude: layers (names or modules) whose units are never dropped and not part of the state.
         check_ranks: with several processes, compare a checksum of the population, its energies and the
@@ -74,7 +81,7 @@ class EDropout:
                  p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
                  keep_rate: Optional[float] = None, freeze_after: Optional[int] = 100, patience: int = 100,
                  seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None,
-                 rule: str = "classic"):
+                 rule: str = "classic", freeze_by: Optional[int] = None, applied: str = "best"):
         if population < 4:
             raise ValueError(f"population must be at least 4 candidate states, got {population}")
         for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
@@ -85,6 +92,10 @@ class EDropout:
         if patience < 1:
             raise ValueError(f"patience must be a positive number of steps, got {patience}")
         _check_rule(rule)
+        if applied not in APPLIED:
+            raise ValueError(f"applied must be 'best' or 'sample', got {applied!r}")
+        if freeze_by is not None and freeze_by < 0:
+            raise ValueError(f"freeze_by must be a non-negative epoch or None, got {freeze_by}")
         if energy is not None and not isinstance(energy, Energy):
             raise ValueError(f"energy must be an edropout.energies.Energy, got {type(energy).__name__}")
 
@@ -99,7 +110,8 @@ class EDropout:
         self.mutation, self.crossover, self.seed = float(mutation), float(crossover), int(seed)
         self.rule = rule
         self.keep_rate = keep_rate
-        self.freeze_after, self.patience = freeze_after, int(patience)
+        self.freeze_after, self.patience, self.freeze_by = freeze_after, int(patience), freeze_by
+        self.applied = applied
         self.activity_every = 10  # training forwards between two samples of the units' activity
         if check_ranks is None:
             check_ranks = os.environ.get("EDROPOUT_CHECK_RANKS", "0") not in ("", "0")
@@ -113,7 +125,12 @@ class EDropout:
         self.energy.attach(self)
         self.energies: Optional[Tensor] = None  # of the population, scored at the first step
         self.best = torch.zeros((), dtype=torch.long, device=device)
+        self.best_state = self.masks.mask.to(torch.uint8).clone()
         self.unchanged = torch.zeros((), dtype=torch.long, device=device)  # steps the best state stayed
+        # the dynamics (device counters, no sync per step): steps at which the applied state changed, and
+        # the units that have been in an applied state at least once
+        self.changes = torch.zeros((), dtype=torch.long, device=device)
+        self.ever_kept = torch.zeros(self.units.num_units, dtype=torch.bool, device=device)
         self.steps = 0
         self.epoch = 0
         self.frozen = False
@@ -148,6 +165,8 @@ class EDropout:
                 result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
             self.population, self.energies, best = result
             self._apply(best)
+            if self.applied == "sample":
+                self._apply_state(self.population[self._drawn_member()])
             if several and self.check_ranks:
                 self._check_ranks()
         self.steps += 1
@@ -157,11 +176,15 @@ class EDropout:
                 self.freeze()
 
     def end_epoch(self) -> None:
-        """Count an epoch (for ``freeze_after``)."""
+        """Count an epoch (for ``freeze_after``); at the end of epoch ``freeze_by``, freeze."""
         self.epoch += 1
+        if self.freeze_by is not None and self.epoch >= self.freeze_by and not self.frozen:
+            self.freeze()
 
     def freeze(self) -> None:
         """Freeze the best state: from now on the model is pruned to it and ``step`` does nothing."""
+        if self.applied == "sample" and self.energies is not None and not self.frozen:
+            self._apply_state(self.best_state)
         self.frozen = True
         self.masks.collect = False
 
@@ -172,11 +195,25 @@ class EDropout:
         return self.masks.mask.to(torch.uint8)
 
     def stats(self) -> Dict[str, float]:
-        """Best and mean population energy, the kept fraction of the prunable units, step, frozen."""
+        """Best and mean population energy; ``kept``, the kept fraction of the prunable units; ``changes``,
+        the steps so far at which the applied state changed; ``diversity``, the population's mean pairwise
+        Hamming distance over the prunable units, as a fraction of them; ``ever_kept``, the fraction of the
+        prunable units applied at least once; step; frozen."""
         energies = self.energies if self.energies is not None else torch.full((1,), float("nan"))
-        kept = float((self.masks.mask * self.prunable).sum() / self.prunable.sum().clamp_min(1))
+        units = self.prunable.sum().clamp_min(1)
+        kept = float((self.masks.mask * self.prunable).sum() / units)
+        ever_kept = float((self.ever_kept.float() * self.prunable).sum() / units)
         return {"best_energy": float(energies.nan_to_num(float("inf")).min()), "mean_energy": float(energies.mean()),
-                "kept": kept, "step": self.steps, "frozen": self.frozen}
+                "kept": kept, "changes": int(self.changes), "diversity": self.diversity(), "ever_kept": ever_kept,
+                "step": self.steps, "frozen": self.frozen}
+
+    def diversity(self) -> float:
+        """Mean Hamming distance over the pairs of population members, on the prunable units, as a fraction
+        of them (0: every member the same state)."""
+        K = self.population.shape[0]
+        ones = (self.population.float() * self.prunable).sum(dim=0)  # per unit, the members that keep it
+        pairs_differing = (ones * (K - ones) * self.prunable).sum()  # summed over the units
+        return float(pairs_differing / (K * (K - 1) / 2) / self.prunable.sum().clamp_min(1))
 
     def kept_parameters(self) -> Tuple[float, int]:
         """(R, #p): the percentage and the number of trainable parameters that still act with the applied
@@ -211,7 +248,8 @@ class EDropout:
         return {"population": self.population, "energies": self.energies, "best": self.best,
                 "unchanged": self.unchanged, "mask": self.masks.mask, "activity": self.masks.activity,
                 "steps": self.steps, "epoch": self.epoch, "frozen": self.frozen, "seed": self.seed,
-                "rule": self.rule, "energy": self.energy.state_dict()}
+                "rule": self.rule, "best_state": self.best_state, "changes": self.changes,
+                "ever_kept": self.ever_kept, "energy": self.energy.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["population"].shape != self.population.shape:
@@ -227,6 +265,11 @@ class EDropout:
         self.steps, self.epoch = state["steps"], state["epoch"]
         self.frozen, self.seed = state["frozen"], state["seed"]
         self.rule = rule
+        # older checkpoints predate the dynamics: the applied state stands for the best, and for the units
+        # ever kept, and the count of changes starts at 0
+        self.best_state = state.get("best_state", state["mask"]).to(device).to(torch.uint8)
+        self.changes = state.get("changes", torch.zeros((), dtype=torch.long)).to(device)
+        self.ever_kept = state.get("ever_kept", state["mask"].bool()).to(device).bool()
         self.masks.collect = not self.frozen and self.steps % self.activity_every == 0
         self.energy.load_state_dict(state["energy"])
 
@@ -280,12 +323,28 @@ class EDropout:
         ], self.steps)
 
     def _apply(self, best: Tensor) -> None:
+        """Record the best member; applied="best": apply its state."""
         best = best.clamp_min(0)  # -1 only when every energy is NaN
-        state = self.population.index_select(0, best.view(1))[0].to(self.masks.mask.dtype)
-        changed = (state != self.masks.mask).any()
+        state = self.population.index_select(0, best.view(1))[0]
+        changed = (state != self.best_state).any()
         self.unchanged = torch.where(changed, torch.zeros_like(self.unchanged), self.unchanged + 1)
-        self.masks.mask.copy_(state)
+        self.best_state.copy_(state)
         self.best = best
+        if self.applied == "best":
+            self._apply_state(state)
+
+    def _apply_state(self, state: Tensor) -> None:
+        """Mask the model with ``state``, counting a change of the applied state (after the first)."""
+        state = state.to(self.masks.mask.dtype)
+        changed = (state != self.masks.mask).any() & self.ever_kept.any()
+        self.changes += changed
+        self.ever_kept |= state.bool()
+        self.masks.mask.copy_(state)
+
+    def _drawn_member(self) -> int:
+        """applied="sample": the member applied at this step, the same on every rank."""
+        generator = torch.Generator().manual_seed(hash((self.seed, self.steps, 1)) & (2**63 - 1))
+        return int(torch.randint(self.population.shape[0], (1,), generator=generator))
 
 
 def _check_rule(rule: str) -> str:

@@ -8,11 +8,13 @@ A run directory holds
 
     config.json      the TrainConfig of the run
     metrics.jsonl    one line per epoch: train/val loss and top-1, best/mean population energy, kept fraction,
-                     learning rate, seconds
+                     the search's dynamics (best_changes: steps at which the applied state changed;
+                     diversity: the population's mean pairwise Hamming distance as a fraction of the prunable
+                     units; ever_kept: the fraction of them applied at least once so far), learning rate, seconds
     last.pt          the state after the last finished epoch (model, optimiser, scheduler, EDropout, RNGs)
     best.pt          the same at the epoch of the best validation top-1
     report.md/json   the test-set report of best.pt (see ``report``)
-    plots.png        loss, accuracy, population energy and kept fraction per epoch
+    plots.png        loss, accuracy, population energy, kept fraction and the dynamics per epoch
     original/        with compare_original: the run of the same network without EDropout
     scratch/         with baselines scratch: a random state of EDropout's per-layer widths, trained from scratch
     finetune/        with baselines finetune: the Original pruned by magnitude to those widths, fine-tuned
@@ -58,7 +60,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import data, distributed, models
-from .controller import EDropout
+from . import ops
+from .controller import APPLIED, EDropout
 from .energies import EnergyLoss, IsingEnergy
 
 __all__ = ["TrainConfig", "RunError", "train", "train_runs", "report", "evaluate_run", "export", "plot"]
@@ -71,6 +74,8 @@ SAME_SCHEDULE = ("dataset", "model", "optimizer", "lr", "rho", "eps", "momentum"
                  "lr_gamma", "batch_size", "epochs", "seed", "limit_batches")
 OPTIMIZERS = ("adadelta", "sgd")
 ENERGIES = ("ising", "loss")
+# Fields a run's config.json may lack (written before they existed) and the behaviour of such a run
+OLDER_RUNS = {"evolution": "classic", "freeze_by": 0}
 RANDOM_KEPT = (25, 50, 75)  # the random-pruning rows of the report: % of prunable units kept
 
 
@@ -97,6 +102,10 @@ class TrainConfig:
     population: int = 8
     freeze_after: int = 100             # epochs before the state may freeze (early state convergence)
     patience: int = 100                 # steps without a change of the best state that freeze it
+    freeze_by: Optional[int] = None     # the epoch at whose end the state freezes whatever happens; None: epochs // 2
+    evolution: str = "edropout"         # the mutation rule: "edropout" (the reference code's) or "classic" (binary DE)
+    mutation: float = 0.1               # the evolution's mutation probability
+    applied: str = "best"               # the state applied until the freeze: "best" or "sample" (a member per step)
     p_init: float = 0.5
     energy: str = "ising"               # "ising" (IsingEnergy) or "loss" (EnergyLoss, scored on each batch)
     keep_rate: Optional[float] = None   # fraction of the prunable units every state keeps; None: the energy decides
@@ -171,6 +180,15 @@ def check_config(config: TrainConfig) -> None:
         raise RunError(f"population must be at least 4; got {config.population!r}")
     if config.freeze_after < 0 or config.num_workers < 0:
         raise RunError("freeze_after and num_workers must not be negative")
+    if config.freeze_by is not None and (isinstance(config.freeze_by, bool) or not isinstance(config.freeze_by, int)
+                                         or config.freeze_by < 0):
+        raise RunError(f"freeze_by must be a non-negative integer (an epoch) or None; got {config.freeze_by!r}")
+    if config.evolution not in ops.RULES:
+        raise RunError(f"evolution must be one of {', '.join(ops.RULES)}; got {config.evolution!r}")
+    if config.applied not in APPLIED:
+        raise RunError(f"applied must be one of {', '.join(APPLIED)}; got {config.applied!r}")
+    if not 0.0 <= config.mutation <= 1.0:
+        raise RunError(f"mutation must be a probability in [0, 1]; got {config.mutation!r}")
     if not 0.0 < config.p_init <= 1.0:
         raise RunError(f"p_init must be in (0, 1]; got {config.p_init!r}")
     for name in ("lr", "finetune_lr"):
@@ -250,7 +268,7 @@ def read_config(run_dir: Path) -> TrainConfig:
     values = _config_values(run_dir)
     if "runs" in values:  # written by train_runs
         raise RunError(f"{run_dir}: a directory of {values['runs']} runs, not one run: name one of them (seed-*/)")
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict({**OLDER_RUNS, **values})
 
 
 def read_metrics(run_dir: Path) -> List[dict]:
@@ -301,14 +319,22 @@ def build_network(config: TrainConfig, in_channels: int, num_classes: int, devic
         return model, None
     energy = EnergyLoss() if config.energy == "loss" else IsingEnergy()
     ed = EDropout(model, energy=energy, population=config.population, p_init=config.p_init,
+                  mutation=config.mutation, rule=config.evolution, applied=config.applied,
                   keep_rate=config.keep_rate if config.mode == "edropout" else None,
-                  freeze_after=config.freeze_after, patience=config.patience, seed=config.seed)
+                  freeze_after=config.freeze_after, patience=config.patience, freeze_by=freeze_by(config),
+                  seed=config.seed)
     if config.mode == "random":  # a random state, fixed from the start: pruning at initialisation
         generator = torch.Generator().manual_seed(config.seed)
         state = torch.rand(ed.units.num_units, generator=generator) < config.p_init
         ed.masks.mask.copy_((state.to(ed.masks.mask.device) | ed.always_kept).float())
         ed.freeze()
     return model, ed
+
+
+def freeze_by(config: TrainConfig) -> Optional[int]:
+    """The epoch at whose end the state freezes whatever happens (0: no deadline, as runs before it)."""
+    value = config.epochs // 2 if config.freeze_by is None else config.freeze_by
+    return value if value > 0 else None
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module):
@@ -380,12 +406,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device, topk=(1, 3, 5)) -> Di
     return {"loss": loss / max(n, 1), **{f"top{k}": 100.0 * correct[k] / max(n, 1) for k in topk}}
 
 
-def population_stats(ed: Optional[EDropout]) -> dict:
+def population_stats(ed: Optional[EDropout], changes_before: int = 0) -> dict:
+    """The epoch's line of population statistics; ``best_changes``: steps of the epoch at which the applied
+    state changed (``changes_before``: the controller's count at the epoch's start)."""
     if ed is None:
-        return {"best_energy": None, "mean_energy": None, "kept": 1.0}
+        return {"best_energy": None, "mean_energy": None, "kept": 1.0, "best_changes": None, "diversity": None,
+                "ever_kept": None}
     s = ed.stats()
     finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no NaN)
-    return {"best_energy": finite(s["best_energy"]), "mean_energy": finite(s["mean_energy"]), "kept": s["kept"]}
+    return {"best_energy": finite(s["best_energy"]), "mean_energy": finite(s["mean_energy"]), "kept": s["kept"],
+            "best_changes": s["changes"] - changes_before, "diversity": s["diversity"], "ever_kept": s["ever_kept"]}
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -586,6 +616,7 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         bar = tqdm(loader, total=total, desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=quiet or not rank0)
         loss_sum, correct, seen = 0.0, 0, 0
+        changes_before = int(ed.changes) if ed is not None else 0
         for i, (inputs, targets) in enumerate(bar):
             if i == total:
                 break
@@ -606,11 +637,15 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
             if ed is not None and not ed.frozen:
                 s = ed.stats()
                 postfix.update(E_best=f"{s['best_energy']:.3g}", E_mean=f"{s['mean_energy']:.3g}",
-                               kept=f"{s['kept']:.3f}")
+                               kept=f"{s['kept']:.3f}", changes=s["changes"] - changes_before,
+                               diversity=f"{s['diversity']:.3f}", ever=f"{s['ever_kept']:.3f}")
             bar.set_postfix(postfix)
         bar.close()
+        # the search's dynamics before end_epoch, which may freeze the state (and apply the best one)
+        dynamics = population_stats(ed if config.mode == "edropout" else None, changes_before)
         if ed is not None:
             ed.end_epoch()
+            dynamics["kept"] = ed.stats()["kept"]
         scheduler.step()
         if several:  # the epoch's training loss and accuracy over every rank's samples
             totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
@@ -620,7 +655,7 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         # copy, so that none waits for another, and rank 0's result is the one written
         val = evaluate(model, val_loader, device, topk=(1,))
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
-                  "val_loss": val["loss"], "val_top1": val["top1"], **population_stats(ed),
+                  "val_loss": val["loss"], "val_top1": val["top1"], **dynamics,
                   "frozen": bool(ed.frozen) if ed is not None else None, "lr": lr, "time": time.time() - started}
         history.append(record)
         improved = val["top1"] > best_top1
@@ -630,7 +665,7 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         if not quiet:
             tqdm.write(f"{config.mode} epoch {epoch + 1}: train loss {record['train_loss']:.4f} top-1 "
                        f"{record['train_top1']:.2f} | val loss {val['loss']:.4f} top-1 {val['top1']:.2f} | "
-                       f"kept {record['kept']:.3f}" + (" (frozen)" if record["frozen"] else ""))
+                       f"kept {record['kept']:.3f}" + dynamics_text(record) + (" (frozen)" if record["frozen"] else ""))
 
         # checkpoints: metrics first, then best.pt, then last.pt (a kill in between redoes the epoch)
         write_metrics(run_dir, history)
@@ -640,6 +675,14 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         if improved:
             save_checkpoint(checkpoint, run_dir / "best.pt")
         save_checkpoint(checkpoint, run_dir / "last.pt")
+
+
+def dynamics_text(record: dict) -> str:
+    """The search's dynamics of an epoch's record, for the per-epoch line ('' without a search)."""
+    if record.get("best_changes") is None:
+        return ""
+    return (f" | state changes {record['best_changes']}, diversity {record['diversity']:.3f}, "
+            f"ever kept {record['ever_kept']:.3f}")
 
 
 def start_baseline(config: TrainConfig, run_dir: Path, model, ed: EDropout, optimizer, device) -> None:
@@ -1053,8 +1096,8 @@ def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None
 
 # -- plots and export ----------------------------------------------------------------------------------------
 def plot(run_dir) -> Optional[Path]:
-    """plots.png: loss, top-1, best and mean population energy, and kept fraction per epoch (None without
-    matplotlib)."""
+    """plots.png: per epoch, loss, top-1, best and mean population energy, the kept and ever-kept fractions,
+    the changes of the applied state and the population's diversity (None without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1064,12 +1107,14 @@ def plot(run_dir) -> Optional[Path]:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     epochs = [m["epoch"] for m in metrics]
-    series = lambda key: [np.nan if m[key] is None else m[key] for m in metrics]  # noqa: E731
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    series = lambda key: [np.nan if m.get(key) is None else m[key] for m in metrics]  # noqa: E731
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, keys, title in ((axes[0, 0], ("train_loss", "val_loss"), "loss"),
                             (axes[0, 1], ("train_top1", "val_top1"), "top-1 %"),
-                            (axes[1, 0], ("best_energy", "mean_energy"), "population energy"),
-                            (axes[1, 1], ("kept",), "kept fraction of the prunable units")):
+                            (axes[0, 2], ("best_energy", "mean_energy"), "population energy"),
+                            (axes[1, 0], ("kept", "ever_kept"), "fraction of the prunable units"),
+                            (axes[1, 1], ("best_changes",), "steps at which the applied state changed"),
+                            (axes[1, 2], ("diversity",), "population diversity (mean pairwise Hamming)")):
         for key in keys:
             ax.plot(epochs, series(key), marker=".", label=key.replace("_", " "))
         ax.set_title(title)
