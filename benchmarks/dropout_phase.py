@@ -2,7 +2,7 @@
 probability) compared on validation, to choose the defaults (never on the test set).
 
     python benchmarks/dropout_phase.py OUT_DIR [--dataset fashion] [--epochs 6] [--limit-batches 60]
-        [--lr-step 2] [--seed 0] [--candidates classic,edropout,sample,sample-m0.2] [--out FILE.md]
+        [--model resnet18] [--lr-step 2] [--seed 0] [--candidates classic,edropout,sample,sample-m0.2] [--out FILE.md]
 
 Each candidate is an EDropout run in OUT_DIR/<candidate>/ (resumed or kept when already there) with the
 same seed, data and schedule; the state freezes at the default deadline (half of the epochs). From its
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--dataset", default="fashion")
+    parser.add_argument("--model", default="resnet18")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--limit-batches", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         parser.error(f"--candidates: unknown {', '.join(unknown)}; expected among {', '.join(CANDIDATES)}")
-    base = training.TrainConfig(dataset=args.dataset, epochs=args.epochs, limit_batches=args.limit_batches,
+    base = training.TrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, limit_batches=args.limit_batches,
                                 batch_size=args.batch_size, lr_step=args.lr_step, seed=args.seed,
                                 freeze_after=args.epochs, patience=100)
     training.check_config(base)

@@ -406,16 +406,18 @@ def evaluate(model: nn.Module, loader: DataLoader, device, topk=(1, 3, 5)) -> Di
     return {"loss": loss / max(n, 1), **{f"top{k}": 100.0 * correct[k] / max(n, 1) for k in topk}}
 
 
-def population_stats(ed: Optional[EDropout], changes_before: int = 0) -> dict:
+def population_stats(ed: Optional[EDropout], changes_before: int = 0, search: bool = True) -> dict:
     """The epoch's line of population statistics; ``best_changes``: steps of the epoch at which the applied
-    state changed (``changes_before``: the controller's count at the epoch's start)."""
+    state changed (``changes_before``: the controller's count at the epoch's start). Without a search (modes
+    random, scratch, finetune: a fixed state) the dynamics are None."""
     if ed is None:
         return {"best_energy": None, "mean_energy": None, "kept": 1.0, "best_changes": None, "diversity": None,
                 "ever_kept": None}
     s = ed.stats()
     finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no NaN)
+    dynamics = {"best_changes": s["changes"] - changes_before, "diversity": s["diversity"], "ever_kept": s["ever_kept"]}
     return {"best_energy": finite(s["best_energy"]), "mean_energy": finite(s["mean_energy"]), "kept": s["kept"],
-            "best_changes": s["changes"] - changes_before, "diversity": s["diversity"], "ever_kept": s["ever_kept"]}
+            **(dynamics if search else dict.fromkeys(dynamics))}
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -641,11 +643,9 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
                                diversity=f"{s['diversity']:.3f}", ever=f"{s['ever_kept']:.3f}")
             bar.set_postfix(postfix)
         bar.close()
-        # the search's dynamics before end_epoch, which may freeze the state (and apply the best one)
-        dynamics = population_stats(ed if config.mode == "edropout" else None, changes_before)
         if ed is not None:
-            ed.end_epoch()
-            dynamics["kept"] = ed.stats()["kept"]
+            ed.end_epoch()  # may freeze the state (applied "sample": the best one is applied, a change)
+        dynamics = population_stats(ed, changes_before, search=config.mode == "edropout")
         scheduler.step()
         if several:  # the epoch's training loss and accuracy over every rank's samples
             totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)

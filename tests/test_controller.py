@@ -193,6 +193,74 @@ def test_state_dict_without_rule_loads_as_classic():
         ed.load_state_dict(dict(older, rule="binary"))
 
 
+def test_diversity_is_the_mean_pairwise_hamming_over_the_prunable_units(gen):
+    ed = EDropout(SmallCNN())
+    K, D = 6, ed.units.num_units
+    ed.population = ((torch.rand(K, D, generator=gen) < torch.rand(1, generator=gen)) | ed.always_kept).to(torch.uint8)
+    prunable = ~ed.always_kept
+    distances = [float((ed.population[i] != ed.population[j])[prunable].sum())
+                 for i in range(K) for j in range(i + 1, K)]
+    expected = sum(distances) / len(distances) / int(prunable.sum())
+    assert ed.diversity() == pytest.approx(expected, rel=1e-6) and ed.stats()["diversity"] == ed.diversity()
+    ed.population = ed.population[:1].repeat(K, 1)
+    assert ed.diversity() == 0.0
+
+
+@pytest.mark.parametrize("applied", ["best", "sample"])
+def test_changes_and_ever_kept_follow_the_applied_states(gen, applied):
+    model = SmallCNN()
+    ed = EDropout(model, energy=IsingEnergy(refresh_every=3), rule="edropout", applied=applied, seed=5)
+    states, bests = [], []
+    for _ in range(25):
+        train_steps(model, ed, gen, 1)
+        states.append(ed.state.clone())
+        bests.append(ed.population[ed.best].clone())
+        if applied == "best":
+            assert torch.equal(ed.state, bests[-1])
+    changes = sum(not torch.equal(a, b) for a, b in zip(states, states[1:]))
+    first_step_changes = int(ed.stats()["changes"]) - changes  # the first step may apply two states in turn
+    assert 0 <= first_step_changes <= 1
+    ever = torch.stack(states).bool().any(0)
+    prunable = ~ed.always_kept
+    assert torch.equal(ed.ever_kept | ever, ed.ever_kept)  # every applied state is in it
+    assert ed.stats()["ever_kept"] == pytest.approx(float(ed.ever_kept[prunable].float().mean()))
+    if applied == "sample":  # one state per step: exactly the union, exactly the counted changes
+        assert torch.equal(ed.ever_kept, ever) and first_step_changes == 0
+        # a member drawn per step: the applied state moves far more often than the best one
+        assert changes > sum(not torch.equal(a, b) for a, b in zip(bests, bests[1:]))
+        ed.freeze()
+        assert torch.equal(ed.state, ed.best_state) and torch.equal(ed.state, bests[-1])
+
+
+def test_freeze_by_freezes_at_the_end_of_that_epoch(gen):
+    model = SmallCNN()
+    ed = EDropout(model, freeze_after=None, freeze_by=2, rule="edropout", applied="sample")
+    train_steps(model, ed, gen, 4)
+    ed.end_epoch()
+    assert not ed.frozen
+    train_steps(model, ed, gen, 4)
+    ed.end_epoch()
+    assert ed.frozen and torch.equal(ed.state, ed.population[ed.best])
+    state, changes = ed.state.clone(), ed.stats()["changes"]
+    train_steps(model, ed, gen, 3)
+    assert torch.equal(ed.state, state) and ed.stats()["changes"] == changes
+
+
+def test_state_dict_carries_the_dynamics_and_loads_older_ones(gen):
+    model = SmallCNN()
+    ed = EDropout(model, rule="edropout", applied="sample", seed=2)
+    train_steps(model, ed, gen, 8)
+    saved = copy.deepcopy(ed.state_dict())
+    ed2 = EDropout(SmallCNN(), rule="edropout", applied="sample", seed=2)
+    ed2.load_state_dict(saved)
+    for key in ("changes", "ever_kept", "best_state"):
+        assert torch.equal(getattr(ed2, key), getattr(ed, key))
+    older = {k: v for k, v in saved.items() if k not in ("changes", "ever_kept", "best_state")}
+    ed2.load_state_dict(older)
+    assert int(ed2.changes) == 0 and torch.equal(ed2.ever_kept, saved["mask"].bool())
+    assert torch.equal(ed2.best_state, saved["mask"].to(torch.uint8))
+
+
 def test_dead_kernel_dropped_and_duplicate_pair_keeps_one(gen):
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
     # kernel 0 dead, kernels 1 and 2 identical, the others orthogonal to them and to each other
@@ -265,7 +333,8 @@ def test_bad_arguments():
     model = SmallCNN()
     for kwargs, word in [({"population": 3}, "population"), ({"p_init": 1.5}, "p_init"),
                          ({"keep_rate": 0.0}, "keep_rate"), ({"energy": "ising"}, "energy"),
-                         ({"patience": 0}, "patience"), ({"rule": "binary"}, "rule")]:
+                         ({"patience": 0}, "patience"), ({"rule": "binary"}, "rule"),
+                         ({"applied": "mean"}, "applied"), ({"freeze_by": -1}, "freeze_by")]:
         with pytest.raises(ValueError, match=word):
             EDropout(model, **kwargs)
 

@@ -376,6 +376,8 @@ def test_compare_original_trains_the_original_beside(tmp_path, tiny):
 def test_cli_bad_new_options(tmp_path, capsys):
     from edropout.cli import main
     for args, word in ((["--energy", "spin"], "energy"), (["--keep-rate", "1.5"], "keep_rate"),
+                       (["--evolution", "binary"], "evolution"), (["--applied", "mean"], "applied"),
+                       (["--freeze-by", "-1"], "freeze_by"), (["--mutation", "2"], "mutation"),
                        (["--bn-calibration", "-1"], "bn_calibration"),
                        (["--mode", "original", "--compare-original"], "compare_original")):
         assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2
@@ -570,3 +572,67 @@ def test_finetune_lr_sweep_reads_validation_only(tmp_path, tiny, monkeypatch):
         assert [m["lr"] for m in metrics] == [lr]  # epochs // 5, at least 1, at this learning rate
         assert f"| {lr:g} | {metrics[0]['val_top1']:.2f} |" in table
         assert not (run_dir / f"finetune-lr{lr:g}" / "report.json").exists()
+
+
+def test_metrics_show_the_dynamics_and_the_deadline_freezes(tmp_path, tiny):
+    config = tiny_config(tmp_path / "run", epochs=4, freeze_after=4, patience=10_000, applied="sample")
+    metrics = training.read_metrics(training.train(config, quiet=True, print_report=False))
+    assert training.freeze_by(config) == 2 and [m["frozen"] for m in metrics] == [False, True, True, True]
+    before, after = metrics[:2], metrics[2:]
+    assert all(m["best_changes"] > 0 for m in before) and all(m["best_changes"] == 0 for m in after)
+    assert all(0 < m["diversity"] <= 1 for m in before) and len({m["diversity"] for m in after}) == 1
+    ever = [m["ever_kept"] for m in metrics]
+    assert ever == sorted(ever) and ever[1] == ever[-1] and metrics[0]["kept"] <= ever[0] <= 1
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["edropout"]
+    assert int(checkpoint["changes"]) == sum(m["best_changes"] for m in metrics)
+    prunable = ~training.build_network(config, 1, 10)[1].always_kept
+    assert ever[-1] == pytest.approx(float(checkpoint["ever_kept"][prunable].float().mean()))
+    assert torch.equal(checkpoint["mask"].to(torch.uint8), checkpoint["best_state"])  # frozen: the best state
+    plain = tiny_config(tmp_path / "rand", mode="random", epochs=1)
+    record = training.read_metrics(training.train(plain, quiet=True, print_report=False))[0]
+    assert record["best_changes"] is None and record["diversity"] is None and record["ever_kept"] is None
+
+
+def test_runs_from_before_the_rule_and_the_deadline_read_as_they_ran(tmp_path, tiny):
+    run_dir = training.train(tiny_config(tmp_path / "run", epochs=1), quiet=True, print_report=False)
+    values = json.loads((run_dir / "config.json").read_text())
+    assert values["evolution"] == "edropout" and values["freeze_by"] is None
+    for key in ("evolution", "freeze_by", "applied", "mutation"):
+        del values[key]
+    (run_dir / "config.json").write_text(json.dumps(values))
+    config = training.read_config(run_dir)
+    assert config.evolution == "classic" and training.freeze_by(config) is None and config.applied == "best"
+
+
+def test_dropout_phase_candidates_read_validation_only(tmp_path, tiny, monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dropout_phase", ROOT / "benchmarks" / "dropout_phase.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def no_test_set(*args, **kwargs):
+        raise AssertionError("the candidates were evaluated on the test set")
+    monkeypatch.setattr(training, "evaluate_run", no_test_set)
+    out = tmp_path / "table.md"
+    assert bench.main([str(tmp_path / "c"), "--dataset", "digits", "--model", "tiny", "--epochs", "2",
+                       "--limit-batches", "3", "--candidates", "classic,sample", "--out", str(out)]) == 0
+    table = out.read_text()
+    for name, (rule, applied) in (("classic", ("classic", "best")), ("sample", ("edropout", "sample"))):
+        config = training.read_config(tmp_path / "c" / name)
+        assert (config.evolution, config.applied, training.freeze_by(config)) == (rule, applied, 1)
+        metrics = training.read_metrics(tmp_path / "c" / name)
+        assert metrics[0]["frozen"] and f"| {name} | " in table
+        assert f"| {metrics[0]['best_changes']} | {metrics[0]['ever_kept']:.3f} |" in table
+
+
+@pytest.mark.slow
+def test_default_digits_run_drops_out_then_freezes(tmp_path):
+    """The default schedule on digits, 8 epochs: the applied state changes in every epoch until the deadline
+    (epoch 4), the population stays diverse, nearly every unit is trained for a while, then it freezes."""
+    result = cli("train", "--epochs", "8", "--device", "cpu", "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    metrics = training.read_metrics(tmp_path / "run")
+    before = [m for m in metrics if m["epoch"] <= 4]
+    assert [m["frozen"] for m in metrics] == [False] * 3 + [True] * 5
+    assert all(m["best_changes"] > 0 and m["diversity"] > 0 for m in before)
+    assert metrics[-1]["ever_kept"] >= 0.95
