@@ -27,6 +27,8 @@ CANDIDATES = {  # name: TrainConfig fields
     "sample": dict(evolution="edropout", applied="sample"),
     "sample-m0.2": dict(evolution="edropout", applied="sample", mutation=0.2),
     "classic-sample": dict(evolution="classic", applied="sample"),
+    "edropout-r10": dict(evolution="edropout", applied="best", refresh_every=10),
+    "sample-r10": dict(evolution="edropout", applied="sample", refresh_every=10),
 }
 
 

@@ -71,8 +71,9 @@ def parser() -> argparse.ArgumentParser:
         ("--lr-gamma", float, "StepLR: factor of each decay (default 0.1)"),
         ("--population", int, "candidate states K, at least 4 (default 8)"),
         ("--p-init", float, "probability that a unit is kept in the initial states, in (0, 1] (default 0.5)"),
-        ("--energy", str, "ising (Ising energy, refreshed every 100 steps) or loss (energy loss on each "
-                          "batch) (default ising)"),
+        ("--energy", str, "ising (Ising energy, refreshed every --refresh-every steps) or loss (energy loss on "
+                          "each batch) (default ising)"),
+        ("--refresh-every", int, "ising: steps between two refreshes of its fields and couplings (default 100)"),
         ("--keep-rate", float, "every state keeps this fraction of the prunable units, in (0, 1] "
                                "(default: none, the energy decides)"),
         ("--freeze-after", int, "epoch from which the state may freeze (default 8; seed's schedule 100)"),

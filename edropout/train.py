@@ -108,6 +108,7 @@ class TrainConfig:
     applied: str = "best"               # the state applied until the freeze: "best" or "sample" (a member per step)
     p_init: float = 0.5
     energy: str = "ising"               # "ising" (IsingEnergy) or "loss" (EnergyLoss, scored on each batch)
+    refresh_every: int = 100            # ising: steps between two refreshes of its fields and couplings
     keep_rate: Optional[float] = None   # fraction of the prunable units every state keeps; None: the energy decides
     compare_original: bool = False      # also train mode original (same seed) in <run_dir>/original for the report
     original_dir: Optional[str] = None  # a finished original run to compare with instead (with runs: its seed-<s>/)
@@ -172,7 +173,7 @@ def check_config(config: TrainConfig) -> None:
                                                or config.finetune_epochs < 1):
         raise RunError(f"finetune_epochs must be a positive integer or None; got {config.finetune_epochs!r}")
     check_bn_calibration(config.bn_calibration)
-    for name in ("batch_size", "epochs", "lr_step", "patience", "dist_timeout"):
+    for name in ("batch_size", "epochs", "lr_step", "patience", "refresh_every", "dist_timeout"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RunError(f"{name} must be a positive integer; got {value!r}")
@@ -317,7 +318,7 @@ def build_network(config: TrainConfig, in_channels: int, num_classes: int, devic
     model = models.build(config.model, in_channels, num_classes).to(config.device if device is None else device)
     if config.mode == "original":
         return model, None
-    energy = EnergyLoss() if config.energy == "loss" else IsingEnergy()
+    energy = EnergyLoss() if config.energy == "loss" else IsingEnergy(refresh_every=config.refresh_every)
     ed = EDropout(model, energy=energy, population=config.population, p_init=config.p_init,
                   mutation=config.mutation, rule=config.evolution, applied=config.applied,
                   keep_rate=config.keep_rate if config.mode == "edropout" else None,
