@@ -12,7 +12,9 @@ the mutation rule of the EDropout paper's reference code), scores the trials, ke
 its parent (``ops.select``) and applies the best state to the model as a dropout mask. With the Ising
 energy, whose value only changes when its terms are refreshed, the three run fused in one op
 (``ops.evolve_step``). From epoch ``freeze_after`` on, once the best state has not changed for ``patience``
-steps, it is frozen: dropout has become pruning.
+steps, it is frozen, and at the end of epoch ``freeze_by`` whatever happens: dropout has become pruning.
+``stats()`` shows whether the search explores: how often the applied state changed, the population's
+diversity, and the share of the units that have been applied at least once.
 
 Dropped units' weights are kept and get zero gradient from the loss; the optimiser's weight decay still
 shrinks them (and momentum keeps moving them for a while), as for any parameter without gradient, so a
@@ -56,8 +58,9 @@ class EDropout:
         population: K candidate states (at least 4).
         p_init: probability that a unit is kept in the initial states (the seed: 0.5).
         mutation, crossover: the evolution's probabilities (see ``ops.evolve``).
-        rule: the evolution's mutation rule, ``"classic"`` (binary differential evolution) or ``"edropout"``
-            (the EDropout paper's reference code); see ``ops.evolve``.
+        rule: the evolution's mutation rule, ``"edropout"`` (the EDropout paper's reference code, which keeps
+            a converged population exploring; the default) or ``"classic"`` (binary differential evolution,
+            which stops once the population agrees); see ``ops.evolve``.
         keep_rate: a fraction of the prunable units to keep, or None to follow the energy alone. The
             initial states and every trial then keep exactly that many prunable units (rounded): a state
             with too many (too few) has randomly chosen kept (dropped) units flipped before it is scored,
@@ -81,7 +84,7 @@ class EDropout:
                  p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
                  keep_rate: Optional[float] = None, freeze_after: Optional[int] = 100, patience: int = 100,
                  seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None,
-                 rule: str = "classic", freeze_by: Optional[int] = None, applied: str = "best"):
+                 rule: str = "edropout", freeze_by: Optional[int] = None, applied: str = "best"):
         if population < 4:
             raise ValueError(f"population must be at least 4 candidate states, got {population}")
         for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
