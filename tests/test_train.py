@@ -128,7 +128,7 @@ def _assert_same(a, b, path="checkpoint"):
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny):
     # killed during the second epoch: its ed.step sleeps after 2 steps and signals that it is there
     killed, marker = tmp_path / "killed", tmp_path / "in-epoch-2"
-    config = tiny_config(killed, epochs=3, limit_batches=5)
+    config = tiny_config(killed, epochs=3, limit_batches=5, freeze_by=3)  # the search runs in epoch 2
     code = f'''
 import time
 from pathlib import Path
@@ -155,7 +155,7 @@ train(TrainConfig(**{asdict(config)!r}), quiet=True)
     assert proc.returncode == -signal.SIGKILL
 
     training.train(None, resume=killed, quiet=True)
-    straight = training.train(tiny_config(tmp_path / "straight", epochs=3, limit_batches=5), quiet=True)
+    straight = training.train(tiny_config(tmp_path / "straight", epochs=3, limit_batches=5, freeze_by=3), quiet=True)
     a, b = _states(killed), _states(straight)
     assert a["epoch"] == b["epoch"] == 3
     for key in ("model", "optimizer", "scheduler", "edropout", "rng", "best_top1"):
@@ -471,8 +471,9 @@ def test_baselines_are_sibling_runs(tmp_path, tiny):
                          ("original", "Original")):
         own = json.loads((run_dir / name / "report.json").read_text())["rows"]
         assert own == [next(r for r in rows if r["method"] == method)], name
-    # the same per-layer widths: the same parameters kept
-    assert rows[2]["params"] == rows[3]["params"] == rows[4]["params"] == rows[8]["params"] == rows[9]["params"]
+    # the fine-tuned state is the Original's magnitude state: the same parameters kept. (States with the same
+    # per-layer widths may keep different numbers: a Linear column whose conv channel is dropped is zero.)
+    assert rows[4]["params"] == rows[9]["params"]
 
     # a sibling lost or interrupted is trained again by --resume, the same as before
     import shutil
