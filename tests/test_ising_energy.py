@@ -60,7 +60,8 @@ def test_factored_equals_its_dense_block(device, gen):
     extra = torch.randn(2, 2, generator=gen)
     as_factor = ops.ising_energy(states, field, [extra.to(device), ops.Factored(W.to(device))])
     as_dense = ops.ising_energy(states, field, [extra.to(device), (-W @ W.t()).to(device)])
-    assert_energies_close(as_factor, reference.ising_energy(states, field, [extra, -W.double() @ W.double().t()]))
+    dense = -W.double() @ W.double().t()  # the reference on the CPU, the op's inputs wherever they are
+    assert_energies_close(as_factor, reference.ising_energy(states.cpu(), field.cpu(), [extra, dense]))
     torch.testing.assert_close(as_factor, as_dense, rtol=1e-5, atol=1e-6 * float(as_dense.abs().max()))
 
 
