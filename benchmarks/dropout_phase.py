@@ -83,9 +83,8 @@ def main(argv=None) -> int:
         config = training.TrainConfig(**{**training.asdict(base), **CANDIDATES[name]})
         config.run_dir = str(args.out_dir / name)
         run_dir = Path(config.run_dir)
-        if not (run_dir / "config.json").is_file():
-            run_dir = training.new_run_dir(config)
-            training.write_text(run_dir / "config.json", training.json.dumps(training.asdict(config), indent=2) + "\n")
+        if not (run_dir / "config.json").is_file():  # else kept or resumed
+            run_dir = training.start_run_dir(config)
         training.train_loop(config, run_dir, splits, device, quiet=True)
         metrics = training.read_metrics(run_dir)
         at_freeze = next((m for m in metrics if m["frozen"]), metrics[-1])

@@ -41,9 +41,8 @@ def main(argv=None) -> int:
         sub = training.sibling_config(replace(config, finetune_lr=lr), args.run_dir, "finetune")
         sub.run_dir = str(args.run_dir / f"finetune-lr{lr:g}")
         run_dir = Path(sub.run_dir)
-        if not (run_dir / "config.json").is_file():
-            run_dir = training.new_run_dir(sub)
-            training.write_text(run_dir / "config.json", training.json.dumps(training.asdict(sub), indent=2) + "\n")
+        if not (run_dir / "config.json").is_file():  # else kept or resumed
+            run_dir = training.start_run_dir(sub)
         training.train_loop(sub, run_dir, splits, device, quiet=True)
         metrics = training.read_metrics(run_dir)
         lines.append(f"| {lr:g} | {max(m['val_top1'] for m in metrics):.2f} | {metrics[-1]['val_top1']:.2f} |")

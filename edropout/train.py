@@ -283,6 +283,14 @@ def write_metrics(run_dir: Path, metrics: List[dict]) -> None:
     write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
 
+def start_run_dir(config: TrainConfig) -> Path:
+    """A fresh run directory (``new_run_dir``) holding the config.json of ``config``, whose run_dir it becomes."""
+    run_dir = new_run_dir(config)
+    config.run_dir = str(run_dir)
+    write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    return run_dir
+
+
 def new_run_dir(config: TrainConfig) -> Path:
     """The run directory of a fresh run: created, writable and empty, or RunError."""
     if config.run_dir is None:
@@ -495,12 +503,7 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
         on_rank0(lambda: load_data(config).num_classes)
     splits = load_data(config)
     if resume is None:
-        def make_run_dir():
-            run_dir = new_run_dir(config)
-            config.run_dir = str(run_dir)
-            write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
-            return str(run_dir)
-        run_dir = Path(on_rank0(make_run_dir))
+        run_dir = Path(on_rank0(lambda: str(start_run_dir(config))))
         config.run_dir = str(run_dir)
     else:
         run_dir = Path(resume)

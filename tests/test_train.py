@@ -555,13 +555,19 @@ def test_cli_trains_on_the_system_fashion_mnist(tmp_path):
     assert "| EDropout(P) |" in result.stdout and not any((tmp_path / "empty").iterdir())
 
 
-def test_finetune_lr_sweep_reads_validation_only(tmp_path, tiny, monkeypatch):
+def load_benchmark(name):
+    """The script benchmarks/<name>.py as a module."""
     import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_lr_sweep_reads_validation_only(tmp_path, tiny, monkeypatch):
     config = tiny_config(tmp_path / "run", epochs=2, limit_batches=3, compare_original=True)
     run_dir = training.train(config, quiet=True, print_report=False)
-    spec = importlib.util.spec_from_file_location("finetune_lr", ROOT / "benchmarks" / "finetune_lr.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_benchmark("finetune_lr")
 
     def no_test_set(*args, **kwargs):
         raise AssertionError("the sweep evaluated on the test set")
@@ -606,10 +612,7 @@ def test_runs_from_before_the_rule_and_the_deadline_read_as_they_ran(tmp_path, t
 
 
 def test_dropout_phase_candidates_read_validation_only(tmp_path, tiny, monkeypatch):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("dropout_phase", ROOT / "benchmarks" / "dropout_phase.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("dropout_phase")
 
     def no_test_set(*args, **kwargs):
         raise AssertionError("the candidates were evaluated on the test set")
