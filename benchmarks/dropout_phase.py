@@ -29,6 +29,7 @@ CANDIDATES = {  # name: TrainConfig fields
     "classic-sample": dict(evolution="classic", applied="sample"),
     "edropout-r10": dict(evolution="edropout", applied="best", refresh_every=10),
     "sample-r10": dict(evolution="edropout", applied="sample", refresh_every=10),
+    "anneal": dict(evolution="edropout", applied="anneal"),
 }
 
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build the kernels there, then the stages named on the command line, with
 # every log under $OUT (the device tool brings it back).
-#   bash benchmarks/gpu_session.sh env build tests sanitize train kernels speed
+#   bash benchmarks/gpu_session.sh env build tests sanitize train kernels speed phase
 # Stages: env (GPU, torch, compilers, CPU), crashcheck (a native backtrace of a crash in test_bad_input.py), build (setup.py build_ext --inplace for sm_90), tests (whole suite, CUDA tests must not skip),
 # sanitize (compute-sanitizer memcheck and racecheck over the CUDA op tests), train (EDropout on digits on
-# the GPU, report printed), kernels (benchmarks/kernels.py), speed (benchmarks/speed.py with profiles).
-# Stage time limits: TEST_SECONDS, SANITIZE_SECONDS, TRAIN_SECONDS, BENCH_SECONDS; extra arguments:
-# KERNELS_ARGS, SPEED_ARGS. At most 8 files come back from $OUT.
+# the GPU, report printed), kernels (benchmarks/kernels.py), speed (benchmarks/speed.py with profiles),
+# phase (benchmarks/dropout_phase.py on Fashion-MNIST for each of PHASE_SEEDS; the data from
+# $EDROPOUT_SYSTEM_DATA/fashion-mnist, carried with the call).
+# Stage time limits: TEST_SECONDS, SANITIZE_SECONDS, TRAIN_SECONDS, BENCH_SECONDS, PHASE_SECONDS (per seed);
+# extra arguments: TEST_ARGS (default: the whole suite), SANITIZE_TESTS, KERNELS_ARGS, SPEED_ARGS,
+# PHASE_ARGS. At most 8 files come back from $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/edropout-gpu}
 mkdir -p "$OUT"
@@ -42,7 +45,7 @@ for s in "$@"; do
       ldd edropout/_C*.so | grep -E "stdc" ;;
     tests)
       stage tests
-      timeout ${TEST_SECONDS:-150} $PY -m pytest -v -rfs -n 8 --timeout 90 -p no:cacheprovider -p no:benchmark tests \
+      timeout ${TEST_SECONDS:-150} $PY -m pytest -v -rfs -n 8 --timeout 90 -p no:cacheprovider -p no:benchmark ${TEST_ARGS:-tests} \
         >"$OUT/tests.log" 2>&1 || fail tests
       grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -25 ;;
     sanitize)
@@ -51,8 +54,9 @@ for s in "$@"; do
         # Only edropout's kernels are instrumented (torch's and cuBLAS's, used by the references, are not).
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_SECONDS:-100} compute-sanitizer --tool $tool \
           --kernel-name kns=edropout --error-exitcode 99 \
-          $PY -m pytest -q -x -p no:cacheprovider -k cuda tests/test_ising_energy.py tests/test_evolve.py \
-          tests/test_select.py tests/test_evolve_step.py >"$OUT/sanitize-$tool.log" 2>&1 || fail "sanitize $tool"
+          $PY -m pytest -q -x -p no:cacheprovider -k cuda ${SANITIZE_TESTS:-tests/test_ising_energy.py \
+          tests/test_evolve.py tests/test_select.py tests/test_evolve_step.py} >"$OUT/sanitize-$tool.log" 2>&1 \
+          || fail "sanitize $tool"
         grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize-$tool.log" | tail -3
       done ;;
     train)
@@ -71,6 +75,14 @@ for s in "$@"; do
       timeout ${BENCH_SECONDS:-300} $PY benchmarks/speed.py --device cuda --energy ising,loss ${SPEED_ARGS:-} \
         --json "$OUT/speed-cuda.json" --profile /tmp/profile 2>&1 | tee "$OUT/speed-cuda.md" || fail speed
       tar czf "$OUT/profiles.tgz" -C /tmp/profile . ;;
+    phase)
+      stage phase
+      for seed in ${PHASE_SEEDS:-0 1 2}; do
+        timeout ${PHASE_SECONDS:-300} $PY benchmarks/dropout_phase.py /tmp/phase-seed$seed --seed $seed ${PHASE_ARGS:-} \
+          --out /tmp/phase-seed$seed.md >>"$OUT/phase.log" 2>&1 || fail "phase seed $seed"
+        cat /tmp/phase-seed$seed.md >>"$OUT/phase.md" 2>/dev/null
+      done
+      grep -E "^\| [a-z]" "$OUT/phase.log" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

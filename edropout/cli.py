@@ -83,8 +83,9 @@ def parser() -> argparse.ArgumentParser:
         ("--evolution", str, "the evolution's mutation rule: edropout (the EDropout reference code's; a converged "
                              "population keeps exploring) or classic (binary differential evolution) (default edropout)"),
         ("--mutation", float, "the evolution's mutation probability (default 0.1)"),
-        ("--applied", str, "the state applied until the freeze: best (the population's best) or sample (a member "
-                           "drawn at each step) (default best)"),
+        ("--applied", str, "the state applied until the freeze: best (the population's best), sample (a member "
+                           "drawn at each step) or anneal (a drawn member with probability 1 - epoch / --freeze-by, "
+                           "else the best) (default best)"),
         ("--bn-calibration", int, "report: training images on which each row re-estimates its BatchNorm "
                                   "statistics; 0 keeps those of training (default 2048)"),
         ("--seed", int, "seed of the initial weights, data order, validation split, states and evolution "

@@ -46,7 +46,7 @@ from .units import prunable_units
 
 __all__ = ["EDropout"]
 
-APPLIED = ("best", "sample")  # the state applied while the search runs
+APPLIED = ("best", "sample", "anneal")  # the state applied while the search runs
 
 
 class EDropout:
@@ -71,7 +71,8 @@ class EDropout:
             exploring may never stay unchanged for ``patience`` steps); None: no deadline.
         applied: the state applied while the search runs: ``"best"`` (the population's best) or
             ``"sample"`` (a member drawn at each step, keyed by (seed, step); the best state is applied once
-            it freezes).
+            it freezes) or ``"anneal"`` (at each step a drawn member with probability 1 - epoch / freeze_by,
+            else the best state: dropout that settles on the state it freezes; needs ``freeze_by``).
         seed: the initial states' and the evolution's random seed.
         exclude: layers (names or modules) whose units are never dropped and not part of the state.
         check_ranks: with several processes, compare a checksum of the population, its energies and the
@@ -96,7 +97,9 @@ class EDropout:
             raise ValueError(f"patience must be a positive number of steps, got {patience}")
         _check_rule(rule)
         if applied not in APPLIED:
-            raise ValueError(f"applied must be 'best' or 'sample', got {applied!r}")
+            raise ValueError(f"applied must be 'best', 'sample' or 'anneal', got {applied!r}")
+        if applied == "anneal" and not freeze_by:
+            raise ValueError(f"applied='anneal' needs freeze_by (the epoch at which it ends), got {freeze_by}")
         if freeze_by is not None and freeze_by < 0:
             raise ValueError(f"freeze_by must be a non-negative epoch or None, got {freeze_by}")
         if energy is not None and not isinstance(energy, Energy):
@@ -168,8 +171,10 @@ class EDropout:
                 result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
             self.population, self.energies, best = result
             self._apply(best)
-            if self.applied == "sample":
+            if self._samples_this_step():
                 self._apply_state(self.population[self._drawn_member()])
+            elif self.applied == "anneal":
+                self._apply_state(self.best_state)
             if several and self.check_ranks:
                 self._check_ranks()
         self.steps += 1
@@ -186,7 +191,7 @@ class EDropout:
 
     def freeze(self) -> None:
         """Freeze the best state: from now on the model is pruned to it and ``step`` does nothing."""
-        if self.applied == "sample" and self.energies is not None and not self.frozen:
+        if self.applied != "best" and self.energies is not None and not self.frozen:
             self._apply_state(self.best_state)
         self.frozen = True
         self.masks.collect = False
@@ -344,8 +349,16 @@ class EDropout:
         self.ever_kept |= state.bool()
         self.masks.mask.copy_(state)
 
+    def _samples_this_step(self) -> bool:
+        """Whether a drawn member is applied at this step: always for "sample"; for "anneal" with
+        probability 1 - epoch / freeze_by (keyed by (seed, step), the same on every rank)."""
+        if self.applied != "anneal":
+            return self.applied == "sample"
+        generator = torch.Generator().manual_seed(hash((self.seed, self.steps, 2)) & (2**63 - 1))
+        return float(torch.rand((), generator=generator)) < 1.0 - self.epoch / self.freeze_by
+
     def _drawn_member(self) -> int:
-        """applied="sample": the member applied at this step, the same on every rank."""
+        """The member applied at this step when one is drawn, the same on every rank."""
         generator = torch.Generator().manual_seed(hash((self.seed, self.steps, 1)) & (2**63 - 1))
         return int(torch.randint(self.population.shape[0], (1,), generator=generator))
 

@@ -105,7 +105,7 @@ class TrainConfig:
     freeze_by: Optional[int] = None     # the epoch at whose end the state freezes whatever happens; None: epochs // 2
     evolution: str = "edropout"         # the mutation rule: "edropout" (the reference code's) or "classic" (binary DE)
     mutation: float = 0.1               # the evolution's mutation probability
-    applied: str = "best"               # the state applied until the freeze: "best" or "sample" (a member per step)
+    applied: str = "best"               # the state applied until the freeze: "best", "sample" or "anneal"
     p_init: float = 0.5
     energy: str = "ising"               # "ising" (IsingEnergy) or "loss" (EnergyLoss, scored on each batch)
     refresh_every: int = 100            # ising: steps between two refreshes of its fields and couplings
@@ -188,6 +188,9 @@ def check_config(config: TrainConfig) -> None:
         raise RunError(f"evolution must be one of {', '.join(ops.RULES)}; got {config.evolution!r}")
     if config.applied not in APPLIED:
         raise RunError(f"applied must be one of {', '.join(APPLIED)}; got {config.applied!r}")
+    if config.applied == "anneal" and freeze_by(config) is None:
+        raise RunError(f"applied anneal needs a freeze deadline of at least epoch 1 (it anneals towards it); "
+                       f"got freeze_by {config.freeze_by!r} with {config.epochs} epochs")
     if not 0.0 <= config.mutation <= 1.0:
         raise RunError(f"mutation must be a probability in [0, 1]; got {config.mutation!r}")
     if not 0.0 < config.p_init <= 1.0:

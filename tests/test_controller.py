@@ -232,6 +232,27 @@ def test_changes_and_ever_kept_follow_the_applied_states(gen, applied):
         assert torch.equal(ed.state, ed.best_state) and torch.equal(ed.state, bests[-1])
 
 
+def test_anneal_draws_members_less_often_each_epoch_then_applies_the_best(gen):
+    """applied="anneal": at each step a drawn member with probability 1 - epoch / freeze_by, else the best
+    state; in the last epoch before the deadline mostly the best, after it the frozen best."""
+    model = SmallCNN()
+    ed = EDropout(model, energy=IsingEnergy(refresh_every=5), freeze_after=None, freeze_by=4, rule="edropout",
+                  applied="anneal", seed=3)
+    off_best = []
+    for epoch in range(4):
+        count = 0
+        for _ in range(30):
+            train_steps(model, ed, gen, 1)
+            count += not torch.equal(ed.state, ed.best_state)
+        off_best.append(count)
+        ed.end_epoch()
+    # the drawn member is the best one about 1/8 of the time: expected 26, 20, 13, 7 of 30 steps off the best
+    assert off_best[0] > off_best[3] and off_best[0] >= 15 and off_best[3] <= 14, off_best
+    assert ed.frozen and torch.equal(ed.state, ed.best_state)
+    with pytest.raises(ValueError, match="freeze_by"):
+        EDropout(SmallCNN(), applied="anneal", freeze_by=None)
+
+
 def test_freeze_by_freezes_at_the_end_of_that_epoch(gen):
     model = SmallCNN()
     ed = EDropout(model, freeze_after=None, freeze_by=2, rule="edropout", applied="sample")

@@ -378,6 +378,7 @@ def test_cli_bad_new_options(tmp_path, capsys):
     for args, word in ((["--energy", "spin"], "energy"), (["--keep-rate", "1.5"], "keep_rate"),
                        (["--evolution", "binary"], "evolution"), (["--applied", "mean"], "applied"),
                        (["--freeze-by", "-1"], "freeze_by"), (["--mutation", "2"], "mutation"),
+                       (["--applied", "anneal", "--freeze-by", "0"], "anneal"),
                        (["--bn-calibration", "-1"], "bn_calibration"),
                        (["--mode", "original", "--compare-original"], "compare_original")):
         assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2
