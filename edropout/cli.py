@@ -3,7 +3,7 @@
     python -m edropout train [options]     train (EDropout on digits with a small schedule by default)
     python -m edropout train --resume RUN_DIR
     python -m edropout eval RUN_DIR        re-evaluate best.pt on the test set and print the report
-    python -m edropout export RUN_DIR      write slim.pt (slimmed network) and slim.ts (TorchScript)
+    python -m edropout export RUN_DIR      write slim.pt (slimmed network, edropout.load_slim) and slim.ts (TorchScript)
     torchrun --nproc_per_node N -m edropout train [options]     the same on N processes (DDP)
 
 Without ``--config``, ``train`` starts from a small schedule (``SMALL``: ResNet-18 at 32x32, 15 epochs,

@@ -139,11 +139,16 @@ class IsingEnergy(Energy):
     def __call__(self, states, batch=None):
         return ops.ising_energy(states, self.field, self.couplings)
 
-    def state_dict(self):
-        return {"field": self.field, "couplings": self.couplings}
+    def state_dict(self):  # plain data (tensors, lists), so that checkpoints load with weights_only=True
+        c = self.couplings
+        couplings = None if c is None else {"values": c.values, "sizes": list(c.sizes), "ranks": list(c.ranks)}
+        return {"field": self.field, "couplings": couplings}
 
     def load_state_dict(self, state):
-        self.field, self.couplings = state["field"], state["couplings"]
+        c = state["couplings"]
+        if isinstance(c, dict):  # older checkpoints hold an ops.Couplings itself
+            c = ops.Couplings(c["values"], tuple(int(n) for n in c["sizes"]), tuple(int(r) for r in c["ranks"]))
+        self.field, self.couplings = state["field"], c
 
 
 class EnergyLoss(Energy):

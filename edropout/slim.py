@@ -17,8 +17,8 @@ input). ``model`` itself is left as it is. Dropped units are
 * **masked** where the structure needs them: channels that join a residual sum or reach the output (a
   ResNet's stem and block outputs in the residual stream, a classifier convolution). The mask is folded
   into the parameters (the BatchNorm2d's weight and bias zeroed for that channel, or the conv's weight
-  and bias when no BatchNorm follows), so the result is a plain module with no hooks: it pickles,
-  ``torch.load``\\ s (``weights_only=False`` for a whole module), ``torch.jit.script``\\ s and traces.
+  and bias when no BatchNorm follows), so the result is a plain module with no hooks: it
+  ``torch.jit.script``\\ s and traces, and :func:`save_slim` / :func:`load_slim` store it as plain data.
 
 Grouped convolutions keep the same number of channels in every group: per group, only as many channels
 are removed as in the group that can lose the fewest (and at least one channel per group stays); the
@@ -46,6 +46,7 @@ only.
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
 
@@ -369,6 +370,49 @@ def slim(model: nn.Module, state: torch.Tensor, units=None) -> nn.Module:
 
     units = prunable_units(model) if units is None else units
     return slim_model(model, keep_of_state(units, state))
+
+
+SLIM_FORMAT = "edropout.slim/1"
+
+
+def save_slim(path, small: nn.Module, state: torch.Tensor, architecture: Mapping) -> Dict:
+    """The contents of a slim file for ``small`` (the slim model of ``state``), plain data that
+    :func:`load_slim` reads with ``weights_only=True``: the slim weights, the state and ``architecture``
+    (``{"model", "in_channels", "num_classes"}`` of ``edropout.models.build``). Written to ``path`` unless
+    it is None."""
+    contents = {"format": SLIM_FORMAT, "architecture": dict(architecture),
+                "state": state.detach().cpu().to(torch.uint8), "state_dict": small.state_dict()}
+    if path is not None:
+        torch.save(contents, path)
+    return contents
+
+
+def load_slim(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn.Module:
+    """The slimmed network of a slim file (``edropout export``'s slim.pt), in eval mode. The file is read
+    with ``torch.load(..., weights_only=True)``: it holds weights and numbers, never code. The network is
+    rebuilt by slimming ``model`` (a network of the unslimmed architecture, e.g. a fresh instance of your
+    own class) with the file's state, or, when ``model`` is None, the ``edropout.models`` network that
+    the file names; then the slim weights are loaded into it."""
+    from .units import prunable_units
+
+    try:
+        contents = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: not a slim file of edropout (it holds objects other than plain data)") from None
+    if not isinstance(contents, dict) or contents.get("format") != SLIM_FORMAT:
+        raise ValueError(f"{path}: not a slim file of edropout (expected format {SLIM_FORMAT!r})")
+    if model is None:
+        from . import models
+
+        arch = contents["architecture"]
+        model = models.build(arch["model"], arch["in_channels"], arch["num_classes"])
+    units = prunable_units(model)
+    if contents["state"].numel() != units.num_units:
+        raise ValueError(f"model: a network of {units.num_units} prunable units; {path} holds a state of "
+                         f"{contents['state'].numel()}")
+    small = slim(model.to(map_location), contents["state"], units)
+    small.load_state_dict(contents["state_dict"])
+    return small.eval()
 
 
 def kept_parameters(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> int:

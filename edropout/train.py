@@ -23,8 +23,9 @@ Checkpoints are written to a temporary file in the same folder, flushed to disk 
 one, so a run killed at any instant leaves the last good checkpoint. ``train(config, resume=RUN_DIR)``
 continues from last.pt exactly as if the run had not stopped: the data order of epoch e comes from a
 generator seeded with (seed, e), and the global RNG states are restored; a run killed mid-epoch restarts
-that epoch. Checkpoints are this package's own files and are read with ``weights_only=False`` (they hold
-the EDropout controller's couplings); load only run directories you trust.
+that epoch. Checkpoints hold plain data only (tensors, numbers, strings, lists, dicts) and are read with
+``torch.load(..., weights_only=True)``: opening a run directory someone sent you runs none of its code, and a
+file that is not such a checkpoint is refused with one line.
 
 Several processes (``torchrun --nproc_per_node N -m edropout train``, WORLD_SIZE > 1): every process runs
 the same routine on its share of each global batch under DistributedDataParallel (``train_processes``);
@@ -44,7 +45,9 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -63,6 +66,8 @@ from . import data, distributed, models
 from . import ops
 from .controller import APPLIED, EDropout
 from .energies import EnergyLoss, IsingEnergy
+from .slim import save_slim
+from .units import prunable_units
 
 __all__ = ["TrainConfig", "RunError", "train", "train_runs", "report", "evaluate_run", "export", "plot"]
 
@@ -241,12 +246,25 @@ def write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
+# Checkpoints written before 2026-11-26 held NumPy's RNG state as an array and the couplings as an
+# ops.Couplings: data-only types, allowed so that those runs still load (nothing else is).
+_numpy_core = getattr(np, "_core", None) or np.core  # NumPy 2 / 1
+OLDER_CHECKPOINT_TYPES = [np.dtype, np.ndarray, _numpy_core.multiarray._reconstruct, ops.Couplings]
+OLDER_CHECKPOINT_TYPES += [type(np.dtype(t)) for t in ("u4", "i8", "f8")]
+
+
 def load_checkpoint(path: Path, device="cpu") -> dict:
+    """A checkpoint of this package, read with ``weights_only=True``; RunError (one line) for anything else."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no such checkpoint")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        with torch.serialization.safe_globals(OLDER_CHECKPOINT_TYPES):
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # a global that is not plain data: another program's file, or worse
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it holds {found.group(1)}" if found else "it holds objects other than plain data"
+        raise RunError(f"{path}: not an edropout checkpoint ({what}); refused without running it") from None
     except Exception as e:
         raise RunError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
     if not isinstance(checkpoint, dict) or not {"model", "epoch", "meta"} <= set(checkpoint):
@@ -385,15 +403,24 @@ def epoch_loader(dataset, config: TrainConfig, epoch: int) -> DataLoader:
 
 
 def rng_states() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG states as plain data (lists, numbers, tensors)."""
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_states(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    if isinstance(key, torch.Tensor):  # older checkpoints: NumPy's own tuple
+        key = key.numpy().astype(np.uint32)
+    np.random.set_state((kind, key, pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -1135,8 +1162,9 @@ def plot(run_dir) -> Optional[Path]:
 
 
 def export(run_dir, device="cpu") -> Dict[str, Path]:
-    """slim.pt (the slimmed network of best.pt, a whole module: ``torch.load(..., weights_only=False)``) and
-    slim.ts (TorchScript: scripted, or traced where scripting fails)."""
+    """slim.pt (the slimmed network of best.pt as plain data: its weights, the state and the architecture;
+    ``edropout.load_slim(path)`` rebuilds it, reading with ``weights_only=True``) and slim.ts (TorchScript:
+    scripted, or traced where scripting fails; ``torch.jit.load``)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     config.device = device
@@ -1146,7 +1174,10 @@ def export(run_dir, device="cpu") -> Dict[str, Path]:
     model, ed = build_network(config, meta["in_channels"], meta["num_classes"])
     restore(checkpoint, model, ed, path=run_dir / "best.pt")
     small = (ed.slim() if ed is not None else model).eval()
-    atomic_write_bytes(run_dir / "slim.pt", lambda f: torch.save(small, f))
+    state = ed.state if ed is not None else torch.ones(prunable_units(model).num_units, dtype=torch.uint8)
+    architecture = {"model": config.model, "in_channels": meta["in_channels"], "num_classes": meta["num_classes"]}
+    contents = save_slim(None, small, state, architecture)
+    atomic_write_bytes(run_dir / "slim.pt", lambda f: torch.save(contents, f))
     try:
         scripted = torch.jit.script(small)
     except Exception:

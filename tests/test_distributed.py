@@ -154,7 +154,7 @@ def set_epochs(run_dir, epochs):
 
 
 def last(run_dir):
-    return torch.load(Path(run_dir) / "last.pt", weights_only=False)
+    return torch.load(Path(run_dir) / "last.pt", weights_only=True)
 
 
 def test_resume_with_another_number_of_processes(tmp_path, tiny):  # noqa: F811

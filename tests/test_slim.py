@@ -15,7 +15,8 @@ import torchvision
 from torch import nn
 
 from edropout.graph import channel_graph, conv_batchnorm_pairs
-from edropout.slim import SelectLinear, slim_model, slim_plan
+from edropout import prunable_units
+from edropout.slim import SelectLinear, keep_of_state, load_slim, save_slim, slim_model, slim_plan
 
 RTOL = 1e-5
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "alexnet", "squeezenet1_1"]
@@ -228,12 +229,22 @@ def test_script_trace_and_save(gen):
             assert torch.allclose(torch.jit.script(slim)(x), y, rtol=1e-5, atol=1e-6)
             if name == "resnet18":
                 assert torch.allclose(torch.jit.trace(slim, x)(x), y, rtol=1e-5, atol=1e-6)
+        # save_slim / load_slim: plain data, rebuilt by slimming a network of the same architecture
+        units = prunable_units(model)
+        state = (torch.rand(units.num_units, generator=gen) < 0.6).to(torch.uint8)
+        small = slim_model(model, keep_of_state(units, state)).eval()
         buf = io.BytesIO()
-        torch.save(slim, buf)
+        save_slim(buf, small, state, {"model": name})
         buf.seek(0)
-        loaded = torch.load(buf, weights_only=False)
+        loaded = load_slim(buf, model=copy.deepcopy(model))
         with torch.no_grad():
-            assert torch.equal(loaded.eval()(x), y)
+            assert torch.equal(loaded(x), small(x)) and not loaded.training
+    for contents in ({"weight": torch.randn(2)}, nn.ReLU()):  # another file; a pickled module
+        buf = io.BytesIO()
+        torch.save(contents, buf)
+        buf.seek(0)
+        with pytest.raises(ValueError, match="not a slim file"):
+            load_slim(buf, model=model)
 
 
 def test_hooks_on_the_input_are_not_copied(gen):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from edropout import models
+from edropout import models, ops
 from edropout import train as training
 from edropout.train import TrainConfig
 
@@ -81,7 +81,7 @@ def test_run_directory_and_report(tmp_path, tiny):
     assert (rows["Random 25% (post-hoc)"]["params"] < rows["Random 50% (post-hoc)"]["params"]
             < rows["Random 75% (post-hoc)"]["params"])
     # magnitude pruning keeps as many units as EDropout(P)
-    checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     ed_state = checkpoint["edropout"]["mask"]
     model, ed = training.build_network(tiny_config(run_dir), 1, 10)
     training.restore(checkpoint, model, ed)
@@ -102,7 +102,7 @@ def test_modes_original_and_random(tmp_path, tiny):
 
 
 def _states(run_dir):
-    checkpoint = torch.load(Path(run_dir) / "last.pt", weights_only=False)
+    checkpoint = torch.load(Path(run_dir) / "last.pt", weights_only=True)
     return checkpoint
 
 
@@ -149,7 +149,7 @@ train(TrainConfig(**{asdict(config)!r}), quiet=True)
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.time() < deadline, "the run did not reach its second epoch"
         time.sleep(0.05)
-    assert (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=False)["epoch"] == 1
+    assert (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -179,7 +179,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary file is gone
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 def cli(*args, code=None):
@@ -224,7 +224,7 @@ def test_cli_corrupt_checkpoint_and_existing_run(tmp_path, tiny):
     assert_bad(cli("train", "--model", "tiny", "--run-dir", str(run_dir), code=main), "already exists")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files
     # a checkpoint of another network (wrong channel count) and a corrupt one
-    wrong = torch.load(run_dir / "best.pt", weights_only=False)
+    wrong = torch.load(run_dir / "best.pt", weights_only=True)
     wrong["model"]["0.weight"] = torch.zeros(8, 3, 3, 3)
     torch.save(wrong, run_dir / "best.pt")
     assert_bad(cli("eval", str(run_dir), code=main), "best.pt", "does not fit")
@@ -233,6 +233,57 @@ def test_cli_corrupt_checkpoint_and_existing_run(tmp_path, tiny):
     assert_bad(cli("eval", str(run_dir), code=main), "best.pt", "corrupt")
     assert_bad(cli("train", "--resume", str(run_dir), code=main), "last.pt", "corrupt")
     assert_bad(cli("export", str(run_dir), code=main), "best.pt", "corrupt")
+
+
+class _Payload:
+    """Unpickling it opens (creates) a file: what a shared run directory could carry."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_run_directory_with_a_pickle_payload_is_refused_without_running_it(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    training.train(tiny_config(run_dir, epochs=1, limit_batches=2), quiet=True, print_report=False)
+    marker = tmp_path / "payload-ran"
+    for name in ("best.pt", "last.pt"):
+        torch.save({"model": _Payload(marker), "epoch": 1, "meta": {}}, run_dir / name)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    for args in (("eval", str(run_dir)), ("export", str(run_dir)), ("train", "--resume", str(run_dir))):
+        assert_bad(cli(*args, code=main), "not an edropout checkpoint", "refused")
+        assert not marker.exists(), args
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    # another program's file and a truncated one: one line each, nothing run or written either
+    torch.save({"weight": torch.randn(3)}, run_dir / "best.pt")
+    assert_bad(cli("eval", str(run_dir), code=main), "best.pt", "not an edropout training checkpoint")
+    (run_dir / "best.pt").write_bytes(before["last.pt"][:200])
+    assert_bad(cli("export", str(run_dir), code=main), "best.pt", "corrupt")
+    assert not (run_dir / "slim.pt").exists() and not marker.exists()
+
+
+def test_checkpoints_hold_plain_data_and_older_ones_load(tmp_path, tiny):
+    """best.pt and last.pt load with weights_only=True; one written before (NumPy's RNG state as an array,
+    the couplings as an ops.Couplings) still loads and resumes."""
+    run_dir = tmp_path / "run"
+    training.train(tiny_config(run_dir, epochs=2), quiet=True, print_report=False)
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    older = dict(checkpoint, rng=dict(checkpoint["rng"], numpy=np.random.get_state()))
+    couplings = older["edropout"]["energy"]["couplings"]
+    older["edropout"] = dict(older["edropout"], energy={"field": older["edropout"]["energy"]["field"],
+                             "couplings": ops.Couplings(couplings["values"], tuple(couplings["sizes"]),
+                                                        tuple(couplings["ranks"]))})
+    torch.save(older, run_dir / "last.pt")
+    loaded = training.load_checkpoint(run_dir / "last.pt")
+    assert isinstance(loaded["edropout"]["energy"]["couplings"], ops.Couplings)
+    config = training.read_config(run_dir)
+    config.epochs = 3
+    training.write_text(run_dir / "config.json", json.dumps(asdict(config)))
+    training.train(None, resume=run_dir, quiet=True, print_report=False)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 3
 
 
 def test_cli_train_eval_export_round_trip(tmp_path, tiny):
@@ -248,9 +299,11 @@ def test_cli_train_eval_export_round_trip(tmp_path, tiny):
     result = cli("export", str(run_dir), code=main)
     assert result.returncode == 0, result.stderr
 
-    small = torch.load(run_dir / "slim.pt", weights_only=False)
+    from edropout import load_slim
+    small = load_slim(run_dir / "slim.pt")  # rebuilt from the registry's architecture
+    again = load_slim(run_dir / "slim.pt", model=models.build("tiny", 1, 10))  # from a given network
     scripted = torch.jit.load(str(run_dir / "slim.ts"))
-    checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     model, ed = training.build_network(TrainConfig(**json.loads((run_dir / "config.json").read_text())), 1, 10)
     training.restore(checkpoint, model, ed)
     model.eval()
@@ -259,6 +312,7 @@ def test_cli_train_eval_export_round_trip(tmp_path, tiny):
         expected = model(x)
     with torch.no_grad():
         torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-5)
+        assert torch.equal(again(x), small(x)) and not small.training
         torch.testing.assert_close(scripted(x), expected, rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
 
@@ -426,7 +480,7 @@ ROWS = ["Original", "EDropout(F)", "EDropout(P)", "Random (scratch)", "Magnitude
 
 
 def _state_of(path):
-    return torch.load(path, weights_only=False)["edropout"]["mask"].bool()
+    return torch.load(path, weights_only=True)["edropout"]["mask"].bool()
 
 
 def _layer_counts(ed, state):
@@ -459,12 +513,12 @@ def test_baselines_are_sibling_runs(tmp_path, tiny):
     # epochs at the schedule's second learning rate
     metrics = training.read_metrics(run_dir / "finetune")
     assert len(metrics) == 1 and metrics[0]["lr"] == pytest.approx(training.finetune_lr(config)) == 0.1
-    original = torch.load(run_dir / "original" / "best.pt", weights_only=False)
+    original = torch.load(run_dir / "original" / "best.pt", weights_only=True)
     training.restore(original, model, None)
     assert torch.equal(_state_of(run_dir / "finetune" / "best.pt"), training.magnitude_state(ed, edropout_state))
     assert training.finetune_lr(tiny_config(run_dir, optimizer="sgd", lr_gamma=0.2)) == pytest.approx(0.02)
     assert training.finetune_lr(tiny_config(run_dir, finetune_lr=0.5)) == 0.5
-    finetuned = torch.load(run_dir / "finetune" / "best.pt", weights_only=False)["model"]
+    finetuned = torch.load(run_dir / "finetune" / "best.pt", weights_only=True)["model"]
     changed = [k for k, v in original["model"].items() if v.is_floating_point() and not torch.equal(v, finetuned[k])]
     assert changed  # it trained from the Original's weights...
     # ...and the rows are those of each sibling's own report
@@ -591,7 +645,7 @@ def test_metrics_show_the_dynamics_and_the_deadline_freezes(tmp_path, tiny):
     assert all(0 < m["diversity"] <= 1 for m in before) and len({m["diversity"] for m in after}) == 1
     ever = [m["ever_kept"] for m in metrics]
     assert ever == sorted(ever) and ever[1] == ever[-1] and metrics[0]["kept"] <= ever[0] <= 1
-    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["edropout"]
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["edropout"]
     assert int(checkpoint["changes"]) == sum(m["best_changes"] for m in metrics)
     prunable = ~training.build_network(config, 1, 10)[1].always_kept
     assert ever[-1] == pytest.approx(float(checkpoint["ever_kept"][prunable].float().mean()))
