@@ -538,7 +538,7 @@ def train_processes(config: TrainConfig, resume, quiet: bool, device: torch.devi
     else:
         run_dir = Path(resume)
     if not quiet and rank0:
-        print(f"run {run_dir}: " + json.dumps(asdict(config)) + (f" ({world} processes)" if several else ""))
+        print(summary_line(config, run_dir) + (f", {world} processes" if several else ""))
 
     if config.compare_original and config.original_dir is None:
         train_sibling(sibling_config(config, run_dir, "original"), quiet)
@@ -576,6 +576,13 @@ def finetune_lr(config: TrainConfig) -> float:
     87.2 % validation top-1 against 82.1, 84.7 and 75.6 % for the first, third and fourth (the last, the
     usual choice) of the schedule (README, "Result on Fashion-MNIST")."""
     return config.finetune_lr if config.finetune_lr is not None else first_lr(config) * config.lr_gamma
+
+
+def summary_line(config: TrainConfig, run_dir: Path) -> str:
+    """The run's first line: what is trained where (every setting is in config.json)."""
+    steps = "" if config.limit_batches is None else f" of at most {config.limit_batches} steps"
+    return (f"{config.mode} {config.model} on {config.dataset}, {config.epochs} epochs{steps}, seed {config.seed}, "
+            f"{config.device}: {run_dir} (settings in config.json)")
 
 
 def continue_run(config: TrainConfig, quiet: bool, print_report: bool = True) -> Path:
@@ -649,8 +656,9 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         net.train()
         loader = epoch_loader(splits.train, config, epoch)
         total = len(loader) if config.limit_batches is None else min(len(loader), config.limit_batches)
+        # disable=None: no bar where stderr is not a terminal (a log file, a pipe): the epoch's line stands
         bar = tqdm(loader, total=total, desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=quiet or not rank0)
+                   disable=True if quiet or not rank0 else None)
         loss_sum, correct, seen = 0.0, 0, 0
         changes_before = int(ed.changes) if ed is not None else 0
         for i, (inputs, targets) in enumerate(bar):

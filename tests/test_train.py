@@ -235,6 +235,26 @@ def test_cli_corrupt_checkpoint_and_existing_run(tmp_path, tiny):
     assert_bad(cli("export", str(run_dir), code=main), "best.pt", "corrupt")
 
 
+def test_output_to_a_file_has_no_progress_bar(tmp_path, tiny):
+    """stdout and stderr not terminals (a log file, CI): a one-line summary first, then one line per epoch,
+    no carriage return; the report is printed as a table."""
+    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        result = subprocess.run([sys.executable, "-c", TINY + main, "train", "--model", "tiny", "--epochs", "2",
+                                 "--limit-batches", "5", "--batch-size", "32", "--device", "cpu",
+                                 "--run-dir", str(tmp_path / "run")], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=120)
+    text = log.read_bytes().decode()
+    assert result.returncode == 0, text
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("edropout tiny on digits, 2 epochs of at most 5 steps") and len(lines[0]) < 200, lines[0]
+    epoch_lines = [line for line in lines if line.startswith("edropout epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["edropout epoch 1", "edropout epoch 2"], text
+    assert any(line.startswith("| EDropout(P) |") for line in lines)
+
+
 class _Payload:
     """Unpickling it opens (creates) a file: what a shared run directory could carry."""
 
