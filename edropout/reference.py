@@ -115,8 +115,8 @@ def evolve(
 def ising_energy(states: Tensor, field: Tensor, blocks: BlocksLike, dtype: torch.dtype = torch.float64) -> Tensor:
     """Reference of :func:`edropout.ops.ising_energy`, computed in ``dtype`` (float64 by default).
 
-    Per block, σ_lᵀ J σ_l − Σ_i J_ii is the coupling sum over i ≠ j (σ_i² = 1); for a factored block,
-    J = −W Wᵀ, it is −(‖Wᵀσ_l‖² − Σ_i ‖w_i‖²)."""
+    Per block, σ_lᵀ J σ_l with J's diagonal zeroed is the coupling sum over i ≠ j; for a factored block,
+    J = −W Wᵀ, it is −(‖Wᵀσ_l‖² − Σ_i ‖w_i‖²) (σ_i² = 1), NaN when a weight is not finite."""
     sigma = states.to(dtype) * 2 - 1
     energy = -(sigma @ field.to(dtype))
     start = 0
@@ -126,9 +126,10 @@ def ising_energy(states: Tensor, field: Tensor, blocks: BlocksLike, dtype: torch
             s = sigma[:, start : start + W.shape[0]]
             pair_sum = -(((s @ W) ** 2).sum(dim=1) - (W**2).sum())
         else:
-            J = block.to(dtype)
-            s = sigma[:, start : start + J.shape[0]]
-            pair_sum = ((s @ J) * s).sum(dim=1) - torch.diagonal(J).sum()
+            n = block.shape[0]  # the diagonal takes no part, whatever it holds (NaN and inf too)
+            J = block.to(dtype).masked_fill(torch.eye(n, dtype=torch.bool, device=block.device), 0)
+            s = sigma[:, start : start + n]
+            pair_sum = ((s @ J) * s).sum(dim=1)
         energy = energy - 0.5 * pair_sum
         start += s.shape[1]
     return energy

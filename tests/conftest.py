@@ -4,6 +4,7 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import edropout  # noqa: F401  (loads the kernels)
 
@@ -11,6 +12,14 @@ import edropout  # noqa: F401  (loads the kernels)
 SEED = int(os.environ.get("EDROPOUT_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 CUDA = torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+# Property tests (tests/test_properties.py): "ci" is deterministic and bounded (seconds, the default);
+# `pytest --hypothesis-profile=long` searches deeper.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=_QUIET,
+                          print_blob=True)
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_QUIET, print_blob=True)
+settings.load_profile("ci")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA")])]
 
 
