@@ -18,9 +18,6 @@ except ImportError:
         "then build against it with `pip install --no-build-isolation .`"
     )
 
-here = os.path.dirname(os.path.abspath(__file__))
-
-
 def host_compiler():
     """The compiler of the .cpp files. nvcc must compile the .cu files' host code with it too: both include
     the same inline code (ATen, the argument checks), and the linker keeps one copy of each, so copies from
@@ -43,7 +40,7 @@ def extension():
     return CUDAExtension(
         "edropout._C",
         sources + cuda_sources,
-        extra_compile_args={"cxx": cxx_flags + ["-DEDROPOUT_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
     )
 

@@ -182,9 +182,6 @@ class ChannelGraph:
     carriers: List[Tuple[str, Flow]] = field(default_factory=list)
     blocked: List[torch.Tensor] = field(default_factory=list)
 
-    def index(self, name: str) -> int:
-        return self.producers.index(name)
-
     def block(self, flow: Flow) -> None:
         for p in flow.prod.unique().tolist():
             if p >= 0:

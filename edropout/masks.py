@@ -22,16 +22,17 @@ from torch import nn
 
 from .units import PrunableUnits
 
+ACTIVITY_MOMENTUM = 0.1  # of the running mean of each unit's activity (the Ising fields)
+
 __all__ = ["UnitMasks"]
 
 
 class UnitMasks:
     """The mask hooks of one model. ``mask`` (float [D], 1 = keep) is the applied state: copy a new state
     into it to apply it. ``activity`` is the running mean of each unit's mean |output|, updated by
-    training-mode forwards while ``collect`` is on (momentum ``momentum``)."""
+    training-mode forwards while ``collect`` is on (momentum ``ACTIVITY_MOMENTUM``)."""
 
-    def __init__(self, model: nn.Module, units: PrunableUnits, batchnorm_after: Dict[str, str],
-                 momentum: float = 0.1):
+    def __init__(self, model: nn.Module, units: PrunableUnits, batchnorm_after: Dict[str, str]):
         device = next(model.parameters()).device
         D = units.num_units
         self.units = units
@@ -39,7 +40,6 @@ class UnitMasks:
         self.activity = torch.zeros(D, device=device)
         self.collect = False
         self.enabled = True
-        self.momentum = momentum
         self._candidates: Optional[torch.Tensor] = None
         self._handles = []
         modules = dict(model.named_modules())
@@ -79,7 +79,7 @@ class UnitMasks:
         return x * masks.view(shape)
 
     def _record(self, start: int, stop: int, values: torch.Tensor) -> None:
-        self.activity[start:stop].lerp_(values.to(self.activity.dtype), self.momentum)
+        self.activity[start:stop].lerp_(values.to(self.activity.dtype), ACTIVITY_MOMENTUM)
 
     def _after(self, start, stop, module, inputs, output):
         if self.collect and module.training and self._candidates is None:

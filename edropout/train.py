@@ -238,6 +238,12 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.close(dir_fd)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
     atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
 
@@ -337,7 +343,7 @@ def load_data(config: TrainConfig) -> data.Splits:
         return data.load(config.dataset, config.data_root, models.INPUT_SIZE[config.model],
                          download=config.download, seed=config.seed)
     except (FileNotFoundError, RuntimeError, ValueError, ImportError) as e:
-        raise RunError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise RunError(first_line(e)) from None
 
 
 def build_network(config: TrainConfig, in_channels: int, num_classes: int, device=None):
@@ -770,8 +776,7 @@ def restore(checkpoint: dict, model, ed, optimizer=None, scheduler=None, path="c
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: does not fit the network of config.json ({first})") from None
+        raise RunError(f"{path}: does not fit the network of config.json ({first_line(e)})") from None
 
 
 # -- the report ----------------------------------------------------------------------------------------------

@@ -63,10 +63,6 @@ class PrunableUnits(Sequence):
     def num_units(self) -> int:
         return self.layers[-1].stop if self.layers else 0
 
-    @property
-    def block_sizes(self) -> List[int]:
-        return [layer.size for layer in self.layers]
-
     def always_kept(self, device=None) -> torch.Tensor:
         """bool [D]: the units every state keeps (the classifier's outputs)."""
         mask = torch.zeros(self.num_units, dtype=torch.bool, device=device)

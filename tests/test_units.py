@@ -15,14 +15,14 @@ def test_units_of_torchvision_models(name):
     with torch.device("meta"):  # shapes only, no weights to initialise
         model = getattr(torchvision.models, name)(num_classes=102)
     units = edropout.prunable_units(model)
-    assert units.num_units == EXPECTED_D[name] == sum(units.block_sizes)
+    assert units.num_units == EXPECTED_D[name] == sum(layer.size for layer in units)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(units) == len(convs) + len(linears) + (1 if linears else 0)
     # the classifier's 102 outputs are always kept, whether a Linear (an extra block) or a Conv2d
     assert int(units.always_kept().sum()) == 102
     assert units[-1].always_kept and units[-1].size == 102
-    assert [layer.start for layer in units] == [sum(units.block_sizes[:i]) for i in range(len(units))]
+    assert [layer.start for layer in units] == [sum(layer.size for layer in units.layers[:i]) for i in range(len(units))]
     assert f"D = {EXPECTED_D[name]} units" in units.summary()
 
 

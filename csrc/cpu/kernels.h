@@ -21,7 +21,7 @@ namespace edropout::cpu {
 void evolve_into(const uint8_t* population, int64_t K, int64_t D, const EvolveKey& key, EvolveRule rule,
                  uint64_t mutation_threshold, uint64_t crossover_threshold, const bool* keep, uint8_t* trials);
 
-// out[K] <- Ising energy of states[K, D] with dense square coupling blocks.
+// out[K] <- Ising energy of states[K, D] with block-diagonal couplings, each block dense (n x n) or factored (n x r).
 void ising_energy_into(const uint8_t* states, int64_t K, int64_t D, const float* field, const float* couplings,
                        const std::vector<Block>& blocks, float* out);
 
