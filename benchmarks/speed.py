@@ -18,14 +18,26 @@ over the original's time in the same round.
 
     python benchmarks/speed.py [--device cpu|cuda] [--models resnet18] [--batch-size 32] [--iters 20]
                                [--energy ising,loss,numpy] [--json out.json] [--quick] [--profile DIR]
+                               [--count] [--compile]
 
 --profile DIR also writes, per network and variant, torch.profiler's table of the operators that took
 the most time over --iters iterations (DIR/<model>-<variant>.txt), to see where EDropout's cost goes.
+
+--count also counts, after the timing, the operations that reach ATen in --iters iterations of each
+variant (a TorchDispatchMode: forward, backward on the CPU, optimiser and EDropout's step) and prints per
+network the operations per iteration, and separately those with an output of at least 8192 elements
+(views aside): the passes over whole activations, the ones a mask costs on a GPU. On CUDA the backward
+runs in autograd's device thread, which the count does not see: count on the CPU.
+
+--compile runs every variant's network through torch.compile (Original compiled against EDropout
+compiled); the warm-up iterations compile it (use --warmup 3 or more: EDropout's activity sampling is a
+second graph).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import os
@@ -36,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,9 +111,10 @@ def bench_model(name, kinds, args, time_it):
         model = copy.deepcopy(base).train()
         optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.9, eps=1e-6, weight_decay=1e-5)
         controller = make_variant(kind, model)
+        net = torch.compile(model) if args.compile else model  # after EDropout has masked the network
 
-        def iteration(model=model, optimizer=optimizer, controller=controller):
-            loss = F.cross_entropy(model(x), y)
+        def iteration(net=net, optimizer=optimizer, controller=controller):
+            loss = F.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -120,10 +135,61 @@ def bench_model(name, kinds, args, time_it):
         write_profiles(name, runs, args)
     row = {"model": name, "D": edropout.prunable_units(base).num_units,
            "original_ms": 1e3 * statistics.median(times["original"])}
+    if args.count:
+        row["count"] = {kind: count_ops(fn, args.iters) for kind, fn in runs.items()}
     for kind in kinds:
         row[f"{kind}_ms"] = 1e3 * statistics.median(times[kind])
         row[f"{kind}_ratio"] = statistics.median(t / o for t, o in zip(times[kind], times["original"]))
     return row
+
+
+ACTIVATION_SIZE = 8192  # elements of an output that counts as a pass over a whole activation
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active, and those whose output has at least
+    ACTIVATION_SIZE elements (views aside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.all, self.large = collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.all[name] += 1
+        if not func.is_view and any(isinstance(t, torch.Tensor) and t.numel() >= ACTIVATION_SIZE
+                                    for t in tree_flatten(out)[0]):
+            self.large[name] += 1
+        return out
+
+
+def count_ops(fn, iters):
+    """Operations per iteration of ``fn`` over ``iters`` iterations: total, activation-sized, and the
+    activation-sized ones by name."""
+    with OpCounter() as counter:
+        for _ in range(iters):
+            fn()
+    return {"ops": sum(counter.all.values()) / iters, "large": sum(counter.large.values()) / iters,
+            "large_by_op": {k: v / iters for k, v in counter.large.most_common()}}
+
+
+def count_table(rows, kinds):
+    """Markdown: per network and EDropout variant, ATen ops per iteration against Original's, and the
+    activation-sized ones EDropout adds, by operation."""
+    lines = ["| model | variant | ATen ops / iter, Original | EDropout | ratio | activation-sized ops / iter, "
+             "Original | EDropout | added | added, by operation |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        base = row["count"]["original"]
+        for kind in kinds:
+            c = row["count"][kind]
+            added = {op: c["large_by_op"].get(op, 0) - base["large_by_op"].get(op, 0)
+                     for op in set(c["large_by_op"]) | set(base["large_by_op"])}
+            by_op = ", ".join(f"{op} {n:+.1f}" for op, n in sorted(added.items(), key=lambda kv: -abs(kv[1]))
+                              if abs(n) >= 0.05) or "none"
+            lines.append(f"| {row['model']} | {kind} | {base['ops']:.1f} | {c['ops']:.1f} | {c['ops'] / base['ops']:.3f} "
+                         f"| {base['large']:.1f} | {c['large']:.1f} | {c['large'] - base['large']:+.1f} | {by_op} |")
+    return "\n".join(lines)
 
 
 def write_profiles(name, runs, args):
@@ -158,6 +224,10 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--quick", action="store_true", help="ResNet-18 and SqueezeNet, batch 4, 3 iterations (smoke)")
     parser.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables per network and variant here")
+    parser.add_argument("--compile", action="store_true",
+                        help="every variant's network through torch.compile (compiled during the warm-up)")
+    parser.add_argument("--count", action="store_true",
+                        help="also count the ATen operations per iteration, and the activation-sized ones")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     kinds = tuple(args.energy.split(","))
@@ -173,7 +243,8 @@ def main(argv=None):
 
     env = environment(args.device)
     print(f"# EDropout / original time per training iteration, {describe(env)}")
-    print(f"# batch {args.batch_size}, 102 classes, K = 8, Adadelta; {args.iters} rounds of the variants in turn "
+    print(f"# batch {args.batch_size}, 102 classes, K = 8, Adadelta{', torch.compile' if args.compile else ''}; "
+          f"{args.iters} rounds of the variants in turn "
           f"after {args.warmup} warm-up iterations, each timed iteration after {args.settle} untimed; median ratios")
     columns = "".join(f" {k} ms | {k} ratio |" for k in kinds)
     print(f"| model | D | original ms |{columns} seed ratio (NumPy, RTX) |")
@@ -184,6 +255,10 @@ def main(argv=None):
         rows.append(row)
         cells = "".join(f" {row[f'{k}_ms']:.1f} | {row[f'{k}_ratio']:.2f}x |" for k in kinds)
         print(f"| {name} | {row['D']} | {row['original_ms']:.1f} |{cells} {SEED_RATIO[name]:.2f}x |", flush=True)
+    if args.count:
+        print(f"\n# ATen operations per iteration ({args.iters} iterations after {args.warmup} warm-up); activation-sized: "
+              f"an output of at least {ACTIVATION_SIZE} elements, views aside")
+        print(count_table(rows, kinds))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**env, "batch_size": args.batch_size, "iters": args.iters, "rows": rows}, f, indent=1)

@@ -1,14 +1,21 @@
-"""Applying a state to a network like a dropout mask, with forward hooks (the network's code is unchanged).
+"""Applying a state to a network like a dropout mask, without changing the network's code.
 
-A dropped Conv2d output channel is zeroed after the BatchNorm2d that consumes it (if one does) or else
+A dropped Conv2d output channel is zeroed after the BatchNorm that consumes it (if one does) or else
 right after the convolution, for every sample, in train and eval mode: so it contributes exactly nothing,
-BatchNorm's bias included. A dropped Linear input feature is zeroed at the Linear's input. Multiplying by
-the mask also zeroes the gradients of everything that only feeds dropped units; their weights stay as they
+BatchNorm's bias included. A dropped Linear input feature is zeroed at the Linear's input. The zero costs
+no pass over the activations where a layer can absorb the mask exactly:
+
+* a BatchNorm after the conv runs with its affine parameters masked, y = (γ⊙m)·x̂ + β⊙m, which is 0 for
+  a dropped channel and passes it no gradient (a multiplication over C numbers, not B×C×H×W);
+* a Linear runs with the mask in its weight's columns, x (W⊙m)ᵀ + b, when W is no larger than its input.
+
+Elsewhere (a conv with no BatchNorm after it, a large Linear, a layer of another type) the activation is
+multiplied by the mask. Either way a dropped unit's weights get exactly zero gradient and stay as they
 are, so a unit dropped now can come back later.
 
 While scoring K candidate states in one batched forward (:meth:`UnitMasks.candidates`), the batch is
-repeated K times and part k of it gets candidate k's mask. The hooks also keep, when asked, a running
-mean of each unit's activity (mean |output| before masking) for the Ising energy's fields.
+repeated K times and part k of it gets candidate k's mask (multiplied in). The masks also keep, when asked,
+a running mean of each unit's activity (mean |output| before masking) for the Ising energy's fields.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from functools import partial
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .units import PrunableUnits
 
@@ -37,25 +46,44 @@ class UnitMasks:
         D = units.num_units
         self.units = units
         self.mask = torch.ones(D, device=device)
+        # each layer's part of the mask, a view made once (a slice per forward is an operation per layer)
+        self._layer_mask = {layer.start: self.mask[layer.start : layer.stop] for layer in units}
         self.activity = torch.zeros(D, device=device)
         self.collect = False
         self.enabled = True
         self._candidates: Optional[torch.Tensor] = None
         self._handles = []
+        self._absorbing = []  # modules whose forward is replaced by one that absorbs the mask
         modules = dict(model.named_modules())
         for layer in units:
             if layer.kind == "conv_out":
                 target = modules[batchnorm_after.get(layer.name, layer.name)]
-                self._handles.append(target.register_forward_hook(partial(self._after, layer.start, layer.stop)))
+                if type(target).forward is _BatchNorm.forward:
+                    self._absorb(target, partial(self._batchnorm, layer.start, layer.stop, target))
+                else:
+                    self._handles.append(target.register_forward_hook(partial(self._after, layer.start, layer.stop)))
             elif layer.kind == "linear_in":
-                self._handles.append(
-                    layer.module.register_forward_pre_hook(partial(self._before, layer.start, layer.stop)))
+                if type(layer.module).forward is nn.Linear.forward:
+                    self._absorb(layer.module, partial(self._linear, layer.start, layer.stop, layer.module))
+                else:
+                    self._handles.append(
+                        layer.module.register_forward_pre_hook(partial(self._before, layer.start, layer.stop)))
+
+    def _absorb(self, module: nn.Module, forward) -> None:
+        if "forward" in module.__dict__:
+            raise ValueError(f"{type(module).__name__}: its forward is replaced already (another EDropout?)")
+        forward.absorbs_mask = True  # a copy of the network (slim's) leaves it out
+        module.forward = forward
+        self._absorbing.append(module)
 
     def remove(self) -> None:
         """Remove the hooks: the model runs as if every unit were kept."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module in self._absorbing:
+            del module.forward
+        self._absorbing = []
 
     @contextlib.contextmanager
     def candidates(self, states: torch.Tensor):
@@ -83,15 +111,60 @@ class UnitMasks:
 
     def _after(self, start, stop, module, inputs, output):
         if self.collect and module.training and self._candidates is None:
-            self._record(start, stop, output.detach().abs().transpose(0, 1).reshape(stop - start, -1).mean(1))
+            self._record(start, stop, _mean_abs(output.detach(), channel_dim=1))
         if not self.enabled:
             return output
         return self._apply(output, start, stop, channel_dim=1)
 
+    def _batchnorm(self, start, stop, bn, x):
+        """``bn``'s forward, its affine parameters masked (the activation multiplied when scoring candidates)."""
+        if not self.enabled or self._candidates is not None:
+            return self._after(start, stop, bn, (x,), _BatchNorm.forward(bn, x))
+        mask = self._layer_mask[start]
+        mask = mask if mask.dtype == x.dtype else mask.to(x.dtype)
+        if self.collect and bn.training:  # the unmasked output's activity, from the batch's statistics
+            with torch.no_grad():
+                unmasked = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+                self._record(start, stop, _mean_abs(unmasked, channel_dim=1))
+        weight = mask if bn.weight is None else bn.weight * mask
+        bias = None if bn.bias is None else bn.bias * mask
+        return _batch_norm(bn, x, weight, bias)
+
+    def _linear(self, start, stop, linear, x):
+        """``linear``'s forward, the mask in its weight's columns where the weight is the smaller."""
+        if not self.enabled or self._candidates is not None or linear.weight.numel() > x.numel():
+            (x,) = self._before(start, stop, linear, (x,)) or (x,)
+            return F.linear(x, linear.weight, linear.bias)
+        if self.collect and linear.training:
+            self._record(start, stop, _mean_abs(x.detach(), channel_dim=x.dim() - 1))
+        mask = self._layer_mask[start]
+        mask = mask if mask.dtype == linear.weight.dtype else mask.to(linear.weight.dtype)
+        return F.linear(x, linear.weight * mask, linear.bias)
+
     def _before(self, start, stop, module, args):
         x = args[0]
         if self.collect and module.training and self._candidates is None:
-            self._record(start, stop, x.detach().abs().reshape(-1, stop - start).mean(0))
+            self._record(start, stop, _mean_abs(x.detach(), channel_dim=x.dim() - 1))
         if not self.enabled:
             return None
         return (self._apply(x, start, stop, channel_dim=x.dim() - 1),) + tuple(args[1:])
+
+
+def _batch_norm(bn: _BatchNorm, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """What ``_BatchNorm.forward`` computes (running statistics updated the same way), with ``weight`` and
+    ``bias`` in place of the module's affine parameters."""
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None, weight, bias,
+                        batch_stats, factor, bn.eps)
+
+
+def _mean_abs(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Mean |x| per channel, without a tensor of |x| (an L1 norm reduces in one pass)."""
+    dims = [d for d in range(x.dim()) if d != channel_dim]
+    return torch.linalg.vector_norm(x, ord=1, dim=dims) / (x.numel() // x.shape[channel_dim])

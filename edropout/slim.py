@@ -441,12 +441,19 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 
 def _copy_without_hooks(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose modules have no forward or backward hooks (EDropout's mask hooks,
-    say, are not carried into the slim model, which applies the masks itself)."""
+    """A deep copy of ``model`` whose modules have no forward or backward hooks and no masked forwards
+    (EDropout's masks are not carried into the slim model, which applies them itself)."""
     memo = {}
     for m in model.modules():
         for attr in _HOOK_DICTS:
             d = getattr(m, attr, None)
             if d is not None:
                 memo[id(d)] = type(d)()
-    return copy.deepcopy(model, memo)
+        forward = m.__dict__.get("forward")
+        if getattr(forward, "absorbs_mask", False):  # a masked forward (edropout.masks): the class's instead
+            memo[id(forward)] = None
+    result = copy.deepcopy(model, memo)
+    for m in result.modules():
+        if "forward" in m.__dict__ and m.__dict__["forward"] is None:
+            del m.forward
+    return result

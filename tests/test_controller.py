@@ -1,9 +1,12 @@
+import collections
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import edropout
 import edropout.models
@@ -95,7 +98,7 @@ def test_dropped_channels_are_exactly_zero_after_batchnorm(gen, train, device):
     ed = EDropout(model)
     seen = {}
     model.bn1.register_forward_hook(lambda m, i, o: seen.__setitem__("bn1", o))  # runs after the mask
-    model.fc1.register_forward_pre_hook(lambda m, i: seen.__setitem__("fc1", i[0]))
+    model.fc1.register_forward_hook(lambda m, i, o: seen.update(fc1_in=i[0], fc1_out=o))
     with torch.no_grad():
         model.bn1.bias.uniform_(1, 2)  # a bias that the old masking of conv weights would leak
         model.bn1.running_mean.uniform_(-1, 1)
@@ -105,8 +108,11 @@ def test_dropped_channels_are_exactly_zero_after_batchnorm(gen, train, device):
     dropped = state[:8] == 0
     assert dropped.any() and (seen["bn1"][:, dropped] == 0).all()
     assert (seen["bn1"][:, ~dropped] != 0).any()
-    fc1_dropped = state[20:212] == 0
-    assert (seen["fc1"][:, fc1_dropped] == 0).all()
+    # a dropped input feature of fc1 contributes nothing: the output is that of the input with it zeroed
+    fc1_kept = state[20:212].float()
+    assert (fc1_kept == 0).any()
+    expected = F.linear(seen["fc1_in"] * fc1_kept, model.fc1.weight, model.fc1.bias)
+    torch.testing.assert_close(seen["fc1_out"], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_dropped_units_get_zero_gradient(gen):
@@ -378,3 +384,86 @@ def test_slim_equals_the_masked_model_and_kept_parameters(gen, name, size):
         assert kept == slim_count
     else:  # channels joining residual sums are masked, not removed
         assert kept < slim_count
+
+
+class _LargeOps(TorchDispatchMode):
+    """Counts operations whose output has at least ``size`` elements, by name (views aside)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.counts = size, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and isinstance(out, torch.Tensor) and out.numel() >= self.size:
+            self.counts[str(func.overloadpacket)] += 1
+        return out
+
+
+def test_masks_absorbed_by_batchnorm_add_no_pass_over_activations(gen):
+    """ResNet-18: every masked conv is followed by a BatchNorm, which absorbs the mask; the head's Linear
+    (weight 10 x 512) absorbs its own. A training step with activity sampling off runs the same
+    activation-sized operations as the network alone."""
+    counts = {}
+    for masked in (False, True):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10).train()
+        if masked:
+            ed = EDropout(model)
+            ed.masks.mask.copy_(random_state(ed, gen))
+            ed.masks.collect = False
+        x = torch.randn(8, 3, 32, 32, generator=gen)
+        with _LargeOps(8 * 64 * 8 * 8) as ops_seen:  # the smallest activation of the network's stages
+            F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+        counts[masked] = ops_seen.counts
+    assert counts[True] == counts[False], counts[True] - counts[False]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_absorbed_masks_equal_multiplied_masks(gen, train):
+    """The BatchNorm's masked affine parameters and the Linear's masked columns give what multiplying the
+    activations gives (the path kept for batched candidates): outputs, running statistics, gradients."""
+    torch.manual_seed(1)
+    model = SmallCNN()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    twin = copy.deepcopy(model)
+    ed, ed_twin = EDropout(model), EDropout(twin)
+    state = random_state(ed, gen)
+    ed.masks.mask.copy_(state)
+    ed_twin.masks.mask.copy_(state)
+    model.train(train), twin.train(train)
+    x = torch.randn(16, 3, 16, 16, generator=gen)
+    out = model(x)
+    with ed_twin.masks.candidates(state[None]):  # one candidate: the multiplying path
+        out_twin = twin(x)
+    torch.testing.assert_close(out, out_twin, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    out_twin.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+
+
+def test_compiled_masked_network_trains_a_step_as_eager(gen):
+    """torch.compile of a masked network (after EDropout) trains a step to the same weights as eager."""
+    torch.manual_seed(2)
+    model = SmallCNN()
+    twin = copy.deepcopy(model)
+    eds = [EDropout(m, seed=3) for m in (model, twin)]
+    state = random_state(eds[0], gen)
+    for ed in eds:
+        ed.masks.mask.copy_(state)
+    compiled = torch.compile(twin)
+    x, y = data(gen)
+    for net, m in ((model, model), (compiled, twin)):
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    dropped = state[:8] == 0
+    assert (twin.bn1.weight.grad[dropped] == 0).all() and (twin.conv1.weight.grad[dropped] == 0).all()
