@@ -467,3 +467,29 @@ def test_compiled_masked_network_trains_a_step_as_eager(gen):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     dropped = state[:8] == 0
     assert (twin.bn1.weight.grad[dropped] == 0).all() and (twin.conv1.weight.grad[dropped] == 0).all()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_conv_without_batchnorm_and_large_linear_multiply_the_activation(gen, train):
+    """Where nothing absorbs the mask (a conv with no BatchNorm after it; a Linear whose weight is larger
+    than its input) the activation is multiplied: dropped units are zero and get zero gradient."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 40),
+                          nn.ReLU(), nn.Linear(40, 5)).train(train)
+    ed = EDropout(model)
+    # the conv: a hook; the Linears: a forward that folds the mask into the weight when it is the smaller
+    # (model[5], 5 x 40 against 4 x 40 inputs) and multiplies the input otherwise (model[3])
+    assert len(ed.masks._handles) == 1 and ed.masks._absorbing == [model[3], model[5]]
+    state = random_state(ed, gen)
+    ed.masks.mask.copy_(state)
+    part = {layer.name: state[layer.start:layer.stop] == 0 for layer in ed.units if layer.kind != "classifier_out"}
+    seen = {}
+    model[0].register_forward_hook(lambda m, i, o: seen.update(conv=o))  # after the mask's hook
+    model[3].register_forward_hook(lambda m, i, o: seen.update(fc_in=i[0], fc_out=o))
+    model(torch.randn(4, 3, 8, 8, generator=gen)).square().sum().backward()
+    assert part["0"].any() and (seen["conv"][:, part["0"]] == 0).all()
+    assert (model[0].weight.grad[part["0"]] == 0).all() and (model[0].bias.grad[part["0"]] == 0).all()
+    expected = F.linear(seen["fc_in"] * (~part["3"]).float(), model[3].weight, model[3].bias)
+    assert part["3"].any() and torch.equal(seen["fc_out"], expected)
+    assert (model[3].weight.grad[:, part["3"]] == 0).all() and (model[5].weight.grad[:, part["5"]] == 0).all()
+    ed.masks.remove()
+    assert "forward" not in model[5].__dict__ and not model[0]._forward_hooks.get(0)
