@@ -55,26 +55,36 @@ class UnitMasks:
         self._handles = []
         self._absorbing = []  # modules whose forward is replaced by one that absorbs the mask
         modules = dict(model.named_modules())
-        for layer in units:
-            if layer.kind == "conv_out":
-                target = modules[batchnorm_after.get(layer.name, layer.name)]
-                if type(target).forward is _BatchNorm.forward:
-                    self._absorb(target, partial(self._batchnorm, layer.start, layer.stop, target))
-                else:
-                    self._handles.append(target.register_forward_hook(partial(self._after, layer.start, layer.stop)))
-            elif layer.kind == "linear_in":
-                if type(layer.module).forward is nn.Linear.forward:
-                    self._absorb(layer.module, partial(self._linear, layer.start, layer.stop, layer.module))
-                else:
-                    self._handles.append(
-                        layer.module.register_forward_pre_hook(partial(self._before, layer.start, layer.stop)))
+        try:
+            for layer in units:
+                if layer.kind == "conv_out":
+                    name = batchnorm_after.get(layer.name, layer.name)
+                    target = modules[name]
+                    if not (type(target).forward is _BatchNorm.forward and self._absorb(
+                            name, target, partial(self._batchnorm, layer.start, layer.stop, target))):
+                        self._handles.append(
+                            target.register_forward_hook(partial(self._after, layer.start, layer.stop)))
+                elif layer.kind == "linear_in":
+                    if not (type(layer.module).forward is nn.Linear.forward and self._absorb(
+                            layer.name, layer.module, partial(self._linear, layer.start, layer.stop, layer.module))):
+                        self._handles.append(
+                            layer.module.register_forward_pre_hook(partial(self._before, layer.start, layer.stop)))
+        except ValueError:
+            self.remove()
+            raise
 
-    def _absorb(self, module: nn.Module, forward) -> None:
-        if "forward" in module.__dict__:
-            raise ValueError(f"{type(module).__name__}: its forward is replaced already (another EDropout?)")
+    def _absorb(self, name: str, module: nn.Module, forward) -> bool:
+        """Replace ``module``'s forward (on the instance) by ``forward``; False where something else
+        replaced it already (then a hook masks it)."""
+        current = module.__dict__.get("forward")
+        if getattr(current, "absorbs_mask", False):
+            raise ValueError(f"model: {name} is masked by another EDropout already; call its masks.remove() first")
+        if current is not None:
+            return False
         forward.absorbs_mask = True  # a copy of the network (slim's) leaves it out
         module.forward = forward
         self._absorbing.append(module)
+        return True
 
     def remove(self) -> None:
         """Remove the hooks: the model runs as if every unit were kept."""

@@ -493,3 +493,20 @@ def test_conv_without_batchnorm_and_large_linear_multiply_the_activation(gen, tr
     assert (model[3].weight.grad[:, part["3"]] == 0).all() and (model[5].weight.grad[:, part["5"]] == 0).all()
     ed.masks.remove()
     assert "forward" not in model[5].__dict__ and not model[0]._forward_hooks.get(0)
+
+
+def test_a_second_edropout_on_a_masked_network_is_refused_and_batchnorm_without_affine_absorbs(gen):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    ed = EDropout(model)
+    with pytest.raises(ValueError, match="model: 1 is masked by another EDropout already"):
+        EDropout(model)
+    ed.masks.mask[:4] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    x = torch.randn(3, 3, 8, 8, generator=gen)
+    for train in (True, False):
+        model.train(train)
+        with ed.masks.candidates(ed.masks.mask[None].clone()):  # the multiplying path
+            expected = model(x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    ed.masks.remove()
+    assert EDropout(model).masks._absorbing == [model[1], model[4]]
