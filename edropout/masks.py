@@ -37,8 +37,8 @@ __all__ = ["UnitMasks"]
 
 
 class UnitMasks:
-    """The mask hooks of one model. ``mask`` (float [D], 1 = keep) is the applied state: copy a new state
-    into it to apply it. ``activity`` is the running mean of each unit's mean |output|, updated by
+    """The masks of one model (absorbed by a BatchNorm or Linear's forward, else a hook). ``mask`` (float
+    [D], 1 = keep) is the applied state: copy a new state into it to apply it. ``activity`` is the running mean of each unit's mean |output|, updated by
     training-mode forwards while ``collect`` is on (momentum ``ACTIVITY_MOMENTUM``)."""
 
     def __init__(self, model: nn.Module, units: PrunableUnits, batchnorm_after: Dict[str, str]):
@@ -87,7 +87,7 @@ class UnitMasks:
         return True
 
     def remove(self) -> None:
-        """Remove the hooks: the model runs as if every unit were kept."""
+        """Remove the hooks and the replaced forwards: the model runs as if every unit were kept."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
