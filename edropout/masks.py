@@ -38,8 +38,9 @@ __all__ = ["UnitMasks"]
 
 class UnitMasks:
     """The masks of one model (absorbed by a BatchNorm or Linear's forward, else a hook). ``mask`` (float
-    [D], 1 = keep) is the applied state: copy a new state into it to apply it. ``activity`` is the running mean of each unit's mean |output|, updated by
-    training-mode forwards while ``collect`` is on (momentum ``ACTIVITY_MOMENTUM``)."""
+    [D], 1 = keep) is the applied state: copy a new state into it to apply it. ``activity`` is the running
+    mean of each unit's mean |output|, updated by training-mode forwards while ``collect`` is on (momentum
+    ``ACTIVITY_MOMENTUM``)."""
 
     def __init__(self, model: nn.Module, units: PrunableUnits, batchnorm_after: Dict[str, str]):
         device = next(model.parameters()).device
