@@ -14,12 +14,14 @@ prunable units ever applied by the freeze, and the population's diversity at the
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from edropout import train as training
+import edropout
+from edropout.experiments import build, config as configs, loop, report, rundir
 
 CANDIDATES = {  # name: TrainConfig fields
     "classic": dict(evolution="classic", applied="best"),
@@ -35,19 +37,17 @@ CANDIDATES = {  # name: TrainConfig fields
 
 def validation_rows(run_dir: Path, splits, device) -> dict:
     """Validation top-1 of EDropout(F) and (P) from last.pt, and R."""
-    config = training.read_config(run_dir)
-    model, ed = training.build_network(config, splits.in_channels, splits.num_classes, device)
-    training.restore(training.load_checkpoint(run_dir / "last.pt", device), model, ed, path=run_dir / "last.pt")
+    config, _, model, ed = build.open_run(run_dir, str(device), name="last.pt")
     loader = DataLoader(splits.val, batch_size=256)
 
     def measure():
-        with training.calibrated_batchnorm(model, splits.train, config.bn_calibration, device, ed):
-            return training.evaluate(model, loader, device, topk=(1,))["top1"]
+        with report.calibrated_batchnorm(model, splits.train, config.bn_calibration, device, ed):
+            return loop.evaluate(model, loader, device, topk=(1,))["top1"]
 
     with ed.full():
         full = measure()
     pruned = measure()
-    return {"F": full, "P": pruned, "R": ed.kept_parameters()[0]}
+    return {"F": full, "P": pruned, "R": edropout.kept_parameters(model, ed.state, ed.units)[0]}
 
 
 def main(argv=None) -> int:
@@ -68,26 +68,26 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         parser.error(f"--candidates: unknown {', '.join(unknown)}; expected among {', '.join(CANDIDATES)}")
-    base = training.TrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, limit_batches=args.limit_batches,
+    base = configs.TrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, limit_batches=args.limit_batches,
                                 batch_size=args.batch_size, lr_step=args.lr_step, seed=args.seed,
                                 freeze_after=args.epochs, patience=100)
-    training.check_config(base)
-    splits = training.load_data(base)
+    configs.check_config(base)
+    splits = build.load_data(base)
     device = torch.device(base.device)
     lines = [f"Dropout-phase candidates, {args.dataset} / {base.model}, seed {args.seed}, {args.epochs} epochs of "
              f"{args.limit_batches} batches of {args.batch_size}, learning rate /10 every {args.lr_step} epochs, "
-             f"state frozen at the end of epoch {training.freeze_by(base)}. Validation only; BatchNorm "
+             f"state frozen at the end of epoch {configs.freeze_by(base)}. Validation only; BatchNorm "
              f"statistics re-estimated per row on {base.bn_calibration} training images.", "",
              "| candidate | val top-1 % EDropout(F) | val top-1 % EDropout(P) | R % | state changes per epoch "
              "| ever kept at the freeze | diversity at the freeze |", "|---|---:|---:|---:|---|---:|---:|"]
     for name in names:
-        config = training.TrainConfig(**{**training.asdict(base), **CANDIDATES[name]})
+        config = configs.TrainConfig(**{**asdict(base), **CANDIDATES[name]})
         config.run_dir = str(args.out_dir / name)
         run_dir = Path(config.run_dir)
         if not (run_dir / "config.json").is_file():  # else kept or resumed
-            run_dir = training.start_run_dir(config)
-        training.train_loop(config, run_dir, splits, device, quiet=True)
-        metrics = training.read_metrics(run_dir)
+            run_dir = rundir.create_run_dir(config)
+        loop.train_loop(config, run_dir, splits, device, quiet=True)
+        metrics = rundir.read_metrics(run_dir)
         at_freeze = next((m for m in metrics if m["frozen"]), metrics[-1])
         row = validation_rows(run_dir, splits, device)
         changes = ", ".join(str(m["best_changes"]) for m in metrics if m["epoch"] <= at_freeze["epoch"])

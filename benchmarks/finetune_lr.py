@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edropout import train as training
+from edropout.experiments import build, config as configs, loop, rundir
 
 
 def main(argv=None) -> int:
@@ -29,22 +29,22 @@ def main(argv=None) -> int:
         lrs = [float(x) for x in args.lrs.split(",")]
     except ValueError:
         parser.error(f"--lrs: expected comma-separated numbers; got {args.lrs!r}")
-    config = training.read_config(args.run_dir)
+    config = rundir.read_config(args.run_dir)
     if not config.compare_original:
         parser.error(f"{args.run_dir}: a run without an Original (train it with --compare-original)")
-    splits = training.load_data(config)
+    splits = build.load_data(config)
     device = torch.device(config.device)
     lines = [f"Finetune baseline of {args.run_dir} (seed {config.seed}): validation top-1 % per fine-tuning "
-             f"learning rate, {training.finetune_epochs(config)} epoch(s) each.", "",
+             f"learning rate, {configs.finetune_epochs(config)} epoch(s) each.", "",
              "| lr | best val top-1 % | last val top-1 % |", "|---:|---:|---:|"]
     for lr in lrs:
-        sub = training.sibling_config(replace(config, finetune_lr=lr), args.run_dir, "finetune")
+        sub = configs.sibling_config(replace(config, finetune_lr=lr), args.run_dir, "finetune")
         sub.run_dir = str(args.run_dir / f"finetune-lr{lr:g}")
         run_dir = Path(sub.run_dir)
         if not (run_dir / "config.json").is_file():  # else kept or resumed
-            run_dir = training.start_run_dir(sub)
-        training.train_loop(sub, run_dir, splits, device, quiet=True)
-        metrics = training.read_metrics(run_dir)
+            run_dir = rundir.create_run_dir(sub)
+        loop.train_loop(sub, run_dir, splits, device, quiet=True)
+        metrics = rundir.read_metrics(run_dir)
         lines.append(f"| {lr:g} | {max(m['val_top1'] for m in metrics):.2f} | {metrics[-1]['val_top1']:.2f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

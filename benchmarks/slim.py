@@ -52,11 +52,10 @@ def main(argv=None):
     for name in models:
         model = build(name, 3, 102).to(args.device).eval()
         ed = edropout.EDropout(model, keep_rate=args.keep_rate, seed=0)
-        state = ed.population[0]
-        ed.masks.remove()  # the full network, without hooks
-        small = edropout.slim(model, state, ed.units).eval()
-        ed.masks.mask.copy_(state)
-        R, kept = ed.kept_parameters()
+        state, units = ed.population[0], ed.units
+        ed.remove()  # the full network, without masks
+        small = edropout.slim(model, state, units).eval()
+        R, kept = edropout.kept_parameters(model, state, units)
         size = INPUT_SIZE[name]
         batch = args.batch_size or (32 if size == 32 else 8)
         x = torch.randn(batch, 3, size, size, device=args.device)

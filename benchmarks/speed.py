@@ -55,6 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import edropout  # noqa: E402
 from edropout.energies import EnergyLoss, IsingEnergy  # noqa: E402
+from edropout.graph import conv_batchnorm_pairs  # noqa: E402
+from edropout.masks import UnitMasks  # noqa: E402
 from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
 from numpy_step import numpy_step  # noqa: E402
 from timing import describe, environment, make_timer  # noqa: E402
@@ -65,29 +67,39 @@ ENERGIES = ("ising", "loss", "numpy")
 
 
 class NumpyStep:
-    """EDropout's masks and Ising terms, with the population step in NumPy on the host."""
+    """EDropout's masks and Ising terms (the library's), with the population step in NumPy on the host, as
+    the reference implementation runs it (activity recorded at every forward)."""
 
-    def __init__(self, model):
-        self.ed = edropout.EDropout(model)
+    def __init__(self, model, population=8):
+        self.units = edropout.prunable_units(model)
+        self.unit_masks = UnitMasks(model, self.units, conv_batchnorm_pairs(model))
+        self.unit_masks.collect = True
+        self.energy = IsingEnergy()
+        self.energy.attach(self.units, None)
+        device = self.unit_masks.mask.device
+        always_kept = self.units.always_kept()
+        states = torch.rand(population, self.units.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
+        self.population = (states | always_kept).to(torch.uint8).to(device)
+        self.always_kept = always_kept.numpy()
+        self.energies = None
+        self.steps = 0
         self.rng = np.random.default_rng(0)
-        self.blocks = None
 
     def step(self, inputs, targets):
-        ed = self.ed
-        if ed.energies is None or ed.steps % ed.energy.refresh_every == 0:
-            ed.energy.refresh()
+        device = self.population.device
+        if self.energies is None or self.steps % self.energy.refresh_every == 0:
+            self.energy.refresh(self.unit_masks.activity)
             blocks = [-(b.weights @ b.weights.t()) if isinstance(b, edropout.ops.Factored) else b
-                      for b in ed.energy.couplings.blocks()]
+                      for b in self.energy.couplings.blocks()]
             self.blocks = [b.cpu().numpy() for b in blocks]
-            self.field = ed.energy.field.cpu().numpy()
-            ed.energies = ed.energy(ed.population)
-        population, energies, best = numpy_step(ed.population.cpu().numpy(), ed.energies.cpu().numpy(),
-                                                self.field, self.blocks, self.rng,
-                                                keep=ed.always_kept.cpu().numpy())
-        ed.population = torch.from_numpy(population).to(ed.population.device)
-        ed.energies = torch.from_numpy(energies).to(ed.population.device)
-        ed.masks.mask.copy_(ed.population[best])
-        ed.steps += 1
+            self.field = self.energy.field.cpu().numpy()
+            self.energies = self.energy(self.population)
+        population, energies, best = numpy_step(self.population.cpu().numpy(), self.energies.cpu().numpy(),
+                                                self.field, self.blocks, self.rng, keep=self.always_kept)
+        self.population = torch.from_numpy(population).to(device)
+        self.energies = torch.from_numpy(energies).to(device)
+        self.unit_masks.mask.copy_(self.population[best])
+        self.steps += 1
 
 
 def make_variant(kind, model):

@@ -1,14 +1,21 @@
-"""EDropout: energy-based dropout and pruning of deep networks."""
+"""EDropout: energy-based dropout and pruning of deep networks.
+
+The library: ``ops`` (the kernels) and ``reference`` (their plain-PyTorch references); ``units`` (a
+network's prunable units), ``graph`` (how channels flow), ``masks`` (applying a state); ``energies`` and
+``criteria`` (scoring or choosing states); ``controller`` (``EDropout``, the object a training loop
+touches); ``slim`` (a state made physical); ``distributed``; ``models`` (the paper's networks). The
+experiment harness, the ``edropout`` command, lives apart in :mod:`edropout.experiments`.
+"""
 
 import torch  # noqa: F401  (loads libtorch, which the kernels link against)
 
 from . import _C  # noqa: F401  (registers the torch.ops.edropout kernels)
-from . import energies, ops, reference
+from . import criteria, energies, ops, reference
 from .controller import EDropout
 from .energies import EnergyLoss, IsingEnergy
-from .slim import load_slim, save_slim, slim
+from .slim import kept_parameters, load_slim, save_slim, slim
 from .units import Layer, PrunableUnits, prunable_units
 
-__all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "energies", "ops", "reference", "prunable_units",
-           "PrunableUnits", "Layer", "slim", "load_slim", "save_slim"]
+__all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "energies", "criteria", "ops", "reference", "prunable_units",
+           "PrunableUnits", "Layer", "slim", "kept_parameters", "load_slim", "save_slim"]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""``python -m edropout``: see :mod:`edropout.cli`."""
+"""``python -m edropout``: see :mod:`edropout.experiments.cli`."""
 
-from .cli import main
+from .experiments.cli import main
 
 raise SystemExit(main())

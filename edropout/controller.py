@@ -9,12 +9,18 @@
 
 Each step evolves the population (``ops.evolve``: binary differential evolution, or with ``rule="edropout"``
 the mutation rule of the EDropout paper's reference code), scores the trials, keeps each trial that beats
-its parent (``ops.select``) and applies the best state to the model as a dropout mask. With the Ising
-energy, whose value only changes when its terms are refreshed, the three run fused in one op
-(``ops.evolve_step``). From epoch ``freeze_after`` on, once the best state has not changed for ``patience``
+its parent (``ops.select``) and applies the best state to the model as a dropout mask. An energy that
+offers a fused step runs the three in one op (the Ising energy, whose value only changes when its terms
+are refreshed: ``ops.evolve_step``). From epoch ``freeze_after`` on, once the best state has not changed for ``patience``
 steps, it is frozen, and at the end of epoch ``freeze_by`` whatever happens: dropout has become pruning.
 ``stats()`` shows whether the search explores: how often the applied state changed, the population's
 diversity, and the share of the units that have been applied at least once.
+
+Other states run through the controller too, never through its masks: ``with ed.full()`` (every unit),
+``with ed.applying(state)`` (a given state, e.g. a criterion's), ``ed.freeze(state)`` (prune to a given
+state from now on), ``with ed.no_activity()`` (forwards that are not training, e.g. re-estimating
+BatchNorm statistics), ``ed.remove()`` (the network as it was). Slimming and parameter counts are
+functions of :mod:`edropout.slim` over ``ed.model``, ``ed.state`` and ``ed.units``.
 
 Dropped units' weights are kept and get zero gradient from the loss; the optimiser's weight decay still
 shrinks them (and momentum keeps moving them for a while), as for any parameter without gradient, so a
@@ -40,11 +46,9 @@ from . import distributed, ops
 from .energies import Energy, IsingEnergy
 from .graph import conv_batchnorm_pairs
 from .masks import UnitMasks
-from .slim import keep_of_state, slim
-from .slim import kept_parameters as slim_kept_parameters
 from .units import prunable_units
 
-__all__ = ["EDropout"]
+__all__ = ["EDropout", "APPLIED", "check_arguments"]
 
 APPLIED = ("best", "sample", "anneal")  # the state applied while the search runs
 
@@ -86,22 +90,8 @@ class EDropout:
                  keep_rate: Optional[float] = None, freeze_after: Optional[int] = 100, patience: int = 100,
                  seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None,
                  rule: str = "edropout", freeze_by: Optional[int] = None, applied: str = "best"):
-        if population < 4:
-            raise ValueError(f"population must be at least 4 candidate states, got {population}")
-        for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-        if keep_rate is not None and not 0.0 < keep_rate <= 1.0:
-            raise ValueError(f"keep_rate must be a fraction in (0, 1] or None, got {keep_rate}")
-        if patience < 1:
-            raise ValueError(f"patience must be a positive number of steps, got {patience}")
-        _check_rule(rule)
-        if applied not in APPLIED:
-            raise ValueError(f"applied must be 'best', 'sample' or 'anneal', got {applied!r}")
-        if applied == "anneal" and not freeze_by:
-            raise ValueError(f"applied='anneal' needs freeze_by (the epoch at which it ends), got {freeze_by}")
-        if freeze_by is not None and freeze_by < 0:
-            raise ValueError(f"freeze_by must be a non-negative epoch or None, got {freeze_by}")
+        check_arguments(population=population, p_init=p_init, mutation=mutation, crossover=crossover,
+                        keep_rate=keep_rate, patience=patience, rule=rule, applied=applied, freeze_by=freeze_by)
         if energy is not None and not isinstance(energy, Energy):
             raise ValueError(f"energy must be an edropout.energies.Energy, got {type(energy).__name__}")
 
@@ -128,7 +118,7 @@ class EDropout:
         states = torch.rand(population, self.units.num_units, generator=generator) < p_init
         self.population = self._repair((states | self.always_kept.cpu()).to(torch.uint8).to(device), -1)
         self.energy = energy if energy is not None else IsingEnergy()
-        self.energy.attach(self)
+        self.energy.attach(self.units, self._candidate_logits)
         self.energies: Optional[Tensor] = None  # of the population, scored at the first step
         self.best = torch.zeros((), dtype=torch.long, device=device)
         self.best_state = self.masks.mask.to(torch.uint8).clone()
@@ -162,15 +152,15 @@ class EDropout:
                 if several:  # scored on this rank's batch: the mean over the ranks is the global batch's
                     distributed.average_across_ranks_(scores)
                 result = ops.select(self.population, scores[:K], trials, scores[K:])
-            elif type(self.energy) is IsingEnergy and self.keep_rate is None:
-                result = ops.evolve_step(self.population, self.energies, self.energy.field, self.energy.couplings,
-                                         self.seed, self.steps, self.mutation, self.crossover, self.always_kept,
-                                         self.rule)
-            else:
-                trials = self._trials()
-                result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
+            else:  # a fused step where the energy offers one (a keep_rate repairs the trials in between)
+                result = None if self.keep_rate is not None else self.energy.evolve_step(
+                    self.population, self.energies, self.seed, self.steps, self.mutation, self.crossover,
+                    self.always_kept, self.rule)
+                if result is None:
+                    trials = self._trials()
+                    result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
             self.population, self.energies, best = result
-            self._apply(best)
+            self._record_best(best)
             if self._samples_this_step():
                 self._apply_state(self.population[self._drawn_member()])
             elif self.applied == "anneal":
@@ -189,9 +179,12 @@ class EDropout:
         if self.freeze_by is not None and self.epoch >= self.freeze_by and not self.frozen:
             self.freeze()
 
-    def freeze(self) -> None:
-        """Freeze the best state: from now on the model is pruned to it and ``step`` does nothing."""
-        if self.applied != "best" and self.energies is not None and not self.frozen:
+    def freeze(self, state: Optional[Tensor] = None) -> None:
+        """Freeze the best state, or ``state`` (bool or uint8 [D]; the always-kept units kept) when given:
+        from now on the model is pruned to it and ``step`` does nothing."""
+        if state is not None:
+            self.masks.mask.copy_((state.to(self.always_kept.device).bool() | self.always_kept).to(self.masks.mask))
+        elif self.applied != "best" and self.energies is not None and not self.frozen:
             self._apply_state(self.best_state)
         self.frozen = True
         self.masks.collect = False
@@ -223,18 +216,6 @@ class EDropout:
         pairs_differing = (ones * (K - ones) * self.prunable).sum()  # summed over the units
         return float(pairs_differing / (K * (K - 1) / 2) / self.prunable.sum().clamp_min(1))
 
-    def kept_parameters(self) -> Tuple[float, int]:
-        """(R, #p): the percentage and the number of trainable parameters that still act with the applied
-        state: those of :meth:`slim`'s network, less the parameters it zeroes to mask dropped units it
-        cannot remove (see :func:`edropout.slim.kept_parameters`)."""
-        total = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        kept = slim_kept_parameters(self.model, keep_of_state(self.units, self.state))
-        return 100.0 * kept / total, kept
-
-    def slim(self) -> nn.Module:
-        """A physically smaller copy of the model with the applied state (:func:`edropout.slim.slim`)."""
-        return slim(self.model, self.state, self.units)
-
     def full(self):
         """A context within which the model runs with every unit (EDropout(F))."""
         return self._masking(False)
@@ -242,6 +223,32 @@ class EDropout:
     def pruned(self):
         """A context within which the model runs with the applied (best or frozen) state (EDropout(P))."""
         return self._masking(True)
+
+    @contextlib.contextmanager
+    def applying(self, state: Tensor):
+        """A context within which the model runs with ``state`` (bool or uint8 [D]) applied; the applied
+        state is restored on exit."""
+        previous = self.masks.mask.clone()
+        self.masks.mask.copy_(state.to(self.masks.mask))
+        try:
+            with self.pruned():
+                yield self.model
+        finally:
+            self.masks.mask.copy_(previous)
+
+    @contextlib.contextmanager
+    def no_activity(self):
+        """A context within which forwards record no activity of the units (forwards that are not
+        training: re-estimating BatchNorm statistics, say)."""
+        previous, self.masks.collect = self.masks.collect, False
+        try:
+            yield self.model
+        finally:
+            self.masks.collect = previous
+
+    def remove(self) -> None:
+        """Take the masks off the network: it runs as if EDropout had never been attached."""
+        self.masks.remove()
 
     @contextlib.contextmanager
     def _masking(self, enabled: bool):
@@ -311,11 +318,11 @@ class EDropout:
         period = self.energy.refresh_every
         first = self.energies is None
         if first or (period is not None and self.steps % period == 0):
-            self.energy.refresh()
+            self.energy.refresh(self.masks.activity)
             if not self.energy.depends_on_batch:
                 self.energies = self.energy(self.population, None)
                 if first:
-                    self._apply(torch.argmin(self.energies.nan_to_num(float("inf"))))
+                    self._record_best(torch.argmin(self.energies.nan_to_num(float("inf"))))
 
     def _check_ranks(self) -> None:
         """Checksums of the population, its energies and the applied state, compared across the ranks."""
@@ -330,7 +337,20 @@ class EDropout:
             ("applied state", (self.masks.mask.long() * w).sum().view(1)),
         ], self.steps)
 
-    def _apply(self, best: Tensor) -> None:
+    def _candidate_logits(self, states: Tensor, inputs: Tensor) -> Tensor:
+        """The network's logits [M, B, classes] for ``inputs`` [B, ...] with each of the M ``states``
+        applied: one batched forward in eval mode (BatchNorm's running statistics, so no state's logits
+        depend on the others'), without gradients."""
+        M, B = states.shape[0], inputs.shape[0]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.masks.candidates(states):
+                return self.model(inputs.repeat(M, *[1] * (inputs.dim() - 1))).view(M, B, -1)
+        finally:
+            self.model.train(was_training)
+
+    def _record_best(self, best: Tensor) -> None:
         """Record the best member; applied="best": apply its state."""
         best = best.clamp_min(0)  # -1 only when every energy is NaN
         state = self.population.index_select(0, best.view(1))[0]
@@ -367,3 +387,25 @@ def _check_rule(rule: str) -> str:
     if rule not in ops.RULES:
         raise ValueError(f"rule must be 'classic' or 'edropout', got {rule!r}")
     return rule
+
+
+def check_arguments(population: int = 8, p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
+                    keep_rate: Optional[float] = None, patience: int = 100, rule: str = "edropout",
+                    applied: str = "best", freeze_by: Optional[int] = None) -> None:
+    """ValueError (one line naming the argument) unless :class:`EDropout` can run with these arguments."""
+    if isinstance(population, bool) or not isinstance(population, int) or population < 4:
+        raise ValueError(f"population must be at least 4 candidate states, got {population!r}")
+    for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    if keep_rate is not None and not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"keep_rate must be a fraction in (0, 1] or None, got {keep_rate}")
+    if patience < 1:
+        raise ValueError(f"patience must be a positive number of steps, got {patience}")
+    _check_rule(rule)
+    if applied not in APPLIED:
+        raise ValueError(f"applied must be 'best', 'sample' or 'anneal', got {applied!r}")
+    if freeze_by is not None and (isinstance(freeze_by, bool) or not isinstance(freeze_by, int) or freeze_by < 0):
+        raise ValueError(f"freeze_by must be a non-negative epoch or None, got {freeze_by!r}")
+    if applied == "anneal" and not freeze_by:
+        raise ValueError(f"applied='anneal' needs freeze_by (the epoch at which it ends), got {freeze_by}")

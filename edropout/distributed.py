@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["active", "rank", "world_size", "unwrap", "average_across_ranks_", "sum_across_ranks_",
+__all__ = ["active", "rank", "first_line", "world_size", "unwrap", "average_across_ranks_", "sum_across_ranks_",
            "check_same_on_all_ranks", "RanksDisagree", "ProcessGroupFailure", "broadcast_from_rank0", "launched"]
 
 
@@ -100,7 +100,9 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none), for one-line errors; a
+    location prefix of gloo's ("[/path/to/pair.cc:561] ") dropped."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if text.startswith("[") and "] " in text:  # gloo's "[/path/to/pair.cc:561] Connection closed by peer"
         text = text.split("] ", 1)[1]
@@ -137,14 +139,14 @@ def launched(device: str, timeout_s: float) -> Iterator[torch.device]:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     except (ValueError, RuntimeError) as e:
         raise ProcessGroupFailure(f"process group ({backend}, WORLD_SIZE={world}) could not start: "
-                                  f"{_first_line(e)}") from None
+                                  f"{first_line(e)}") from None
     try:
         yield device
     except RuntimeError as e:  # (torch.distributed's DistError is one)
         if isinstance(e, RanksDisagree) or not _is_communication_failure(e):
             raise
         raise ProcessGroupFailure(
-            f"rank {dist.get_rank()} of {world}: lost the other processes ({_first_line(e)}); one of them failed "
+            f"rank {dist.get_rank()} of {world}: lost the other processes ({first_line(e)}); one of them failed "
             f"or did not answer within {timeout_s:g} s, and its own output says why") from None
     finally:
         # Free what the block left in reference cycles (DistributedDataParallel's reducer holds the group's

@@ -27,37 +27,49 @@ same batch at every step.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import ops
+from .units import PrunableUnits
 
 __all__ = ["Energy", "IsingEnergy", "EnergyLoss", "WeightedSum"]
 
 Batch = Optional[Tuple[Tensor, Tensor]]
+CandidateLogits = Callable[[Tensor, Tensor], Tensor]  # (states [M, D], inputs [B, ...]) -> logits [M, B, classes]
 
 
 class Energy:
     """Scores states: ``energy(states, batch) -> float32 [M]`` for uint8 states ``[M, D]``; lower is better.
 
-    ``attach(controller)`` is called once, when the controller is built (to reach its model, units and
-    masks); ``refresh()`` every ``refresh_every`` steps (for terms that follow the weights). An energy whose
-    value depends on the batch sets ``depends_on_batch = True``.
+    The controller gives an energy what it may need, and nothing more: ``attach(units, candidate_logits)``
+    once (the network's :class:`~edropout.units.PrunableUnits`, whose kernels follow the weights, and
+    ``candidate_logits(states, inputs) -> [M, B, classes]``, the network's eval-mode logits with each of M
+    states applied); ``refresh(activity)`` every ``refresh_every`` steps (the units' activity, for terms
+    that follow the network). An energy whose value depends on the batch sets ``depends_on_batch = True``.
+    An energy may offer ``evolve_step`` (evolution, scoring and selection in one op); the controller uses
+    it when offered.
     """
 
     depends_on_batch = False
     refresh_every: Optional[int] = None
 
-    def attach(self, controller) -> None:
-        self.controller = controller
+    def attach(self, units: PrunableUnits, candidate_logits: CandidateLogits) -> None:
+        pass
 
-    def refresh(self) -> None:
+    def refresh(self, activity: Tensor) -> None:
         pass
 
     def __call__(self, states: Tensor, batch: Batch = None) -> Tensor:
         raise NotImplementedError
+
+    def evolve_step(self, population: Tensor, energies: Tensor, seed: int, step: int, mutation: float,
+                    crossover: float, always_kept: Tensor, rule: str) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """(population, energies, best) after one generation in one op, or None where the energy offers
+        no such op (the controller then evolves, scores and selects in three)."""
+        return None
 
     def state_dict(self) -> dict:
         return {}
@@ -84,14 +96,13 @@ class WeightedSum(Energy):
         periods = [e.refresh_every for _, e in self.terms if e.refresh_every]
         self.refresh_every = min(periods) if periods else None
 
-    def attach(self, controller) -> None:
-        super().attach(controller)
+    def attach(self, units, candidate_logits) -> None:
         for _, energy in self.terms:
-            energy.attach(controller)
+            energy.attach(units, candidate_logits)
 
-    def refresh(self) -> None:
+    def refresh(self, activity) -> None:
         for _, energy in self.terms:
-            energy.refresh()
+            energy.refresh(activity)
 
     def __call__(self, states, batch=None):
         return sum(weight * energy(states, batch) for weight, energy in self.terms)
@@ -113,13 +124,15 @@ class IsingEnergy(Energy):
         self.alpha, self.beta, self.refresh_every = float(alpha), float(beta), int(refresh_every)
         self.field: Optional[Tensor] = None
         self.couplings: Optional[ops.Couplings] = None
+        self.units: Optional[PrunableUnits] = None
 
-    def refresh(self) -> None:
-        ctl = self.controller
-        activity = ctl.masks.activity
+    def attach(self, units, candidate_logits) -> None:
+        self.units = units
+
+    def refresh(self, activity) -> None:
         field = torch.zeros_like(activity)
         blocks = []
-        for layer in ctl.units:
+        for layer in self.units:
             n = layer.size
             if layer.always_kept:
                 blocks.append(ops.Factored(activity.new_zeros(n, 1)))
@@ -138,6 +151,11 @@ class IsingEnergy(Energy):
 
     def __call__(self, states, batch=None):
         return ops.ising_energy(states, self.field, self.couplings)
+
+    def evolve_step(self, population, energies, seed, step, mutation, crossover, always_kept, rule):
+        # the energy of a state does not change between refreshes: the parents' energies stay valid
+        return ops.evolve_step(population, energies, self.field, self.couplings, seed, step, mutation, crossover,
+                               always_kept, rule)
 
     def state_dict(self):  # plain data (tensors, lists), so that checkpoints load with weights_only=True
         c = self.couplings
@@ -166,6 +184,10 @@ class EnergyLoss(Energy):
         if subbatch is not None and subbatch < 1:
             raise ValueError(f"subbatch must be a positive number of samples or None, got {subbatch}")
         self.subbatch = subbatch
+        self.candidate_logits: Optional[CandidateLogits] = None
+
+    def attach(self, units, candidate_logits) -> None:
+        self.candidate_logits = candidate_logits
 
     def __call__(self, states, batch=None):
         if batch is None:
@@ -174,14 +196,7 @@ class EnergyLoss(Energy):
         if self.subbatch is not None:
             inputs, targets = inputs[: self.subbatch], targets[: self.subbatch]
         M, B = states.shape[0], inputs.shape[0]
-        model = self.controller.model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), self.controller.masks.candidates(states):
-                logits = model(inputs.repeat(M, *[1] * (inputs.dim() - 1))).float().view(M, B, -1)
-        finally:
-            model.train(was_training)
+        logits = self.candidate_logits(states, inputs).float()
         index = targets.view(1, B, 1).expand(M, B, 1)
         true = logits.gather(2, index)
         others = logits.scatter(2, index, float("-inf")).amax(dim=2, keepdim=True)

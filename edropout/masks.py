@@ -79,7 +79,7 @@ class UnitMasks:
         replaced it already (then a hook masks it)."""
         current = module.__dict__.get("forward")
         if getattr(current, "absorbs_mask", False):
-            raise ValueError(f"model: {name} is masked by another EDropout already; call its masks.remove() first")
+            raise ValueError(f"model: {name} is masked by another EDropout already; call its remove() first")
         if current is not None:
             return False
         forward.absorbs_mask = True  # a copy of the network (slim's) leaves it out
@@ -105,7 +105,7 @@ class UnitMasks:
         finally:
             self._candidates = previous
 
-    def _apply(self, x: torch.Tensor, start: int, stop: int, channel_dim: int) -> torch.Tensor:
+    def _multiply(self, x: torch.Tensor, start: int, stop: int, channel_dim: int) -> torch.Tensor:
         shape = [1] * x.dim()
         shape[channel_dim] = stop - start
         masks = self.mask if self._candidates is None else self._candidates
@@ -125,7 +125,7 @@ class UnitMasks:
             self._record(start, stop, _mean_abs(output.detach(), channel_dim=1))
         if not self.enabled:
             return output
-        return self._apply(output, start, stop, channel_dim=1)
+        return self._multiply(output, start, stop, channel_dim=1)
 
     def _batchnorm(self, start, stop, bn, x):
         """``bn``'s forward, its affine parameters masked (the activation multiplied when scoring candidates)."""
@@ -158,7 +158,7 @@ class UnitMasks:
             self._record(start, stop, _mean_abs(x.detach(), channel_dim=x.dim() - 1))
         if not self.enabled:
             return None
-        return (self._apply(x, start, stop, channel_dim=x.dim() - 1),) + tuple(args[1:])
+        return (self._multiply(x, start, stop, channel_dim=x.dim() - 1),) + tuple(args[1:])
 
 
 def _batch_norm(bn: _BatchNorm, x: torch.Tensor, weight, bias) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Physical slimming: turning a keep-state into a smaller network with the same outputs.
+"""Physical slimming: turning a state into a smaller network with the same outputs.
 
-``slim_model(model, keep)`` returns a copy of ``model`` whose eval-mode outputs equal those of ``model``
-with ``keep`` applied as EDropout's masks (a dropped Conv2d output channel zeroed after the BatchNorm2d
+``slim(model, state)`` returns a copy of ``model`` whose eval-mode outputs equal those of ``model``
+with ``state`` applied as EDropout's masks (a dropped Conv2d output channel zeroed after the BatchNorm2d
 that directly consumes it, or after the conv; a dropped Linear input feature zeroed at the Linear's
 input). ``model`` itself is left as it is. Dropped units are
 
@@ -48,15 +48,17 @@ from __future__ import annotations
 import copy
 import pickle
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .graph import ChannelGraph, channel_graph, conv_batchnorm_pairs
+from .units import prunable_units
 
-__all__ = ["slim", "slim_model", "slim_plan", "kept_parameters", "SlimPlan", "SelectLinear", "check_keep"]
+__all__ = ["slim", "slim_layers", "kept_by_layer", "slim_plan", "kept_parameters", "save_slim", "load_slim", "SlimPlan",
+           "SelectLinear", "check_kept"]
 
 
 class SelectLinear(nn.Linear):
@@ -84,27 +86,27 @@ class SelectLinear(nn.Linear):
         return super().extra_repr() + ", input features selected by index"
 
 
-def check_keep(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``keep`` checked against ``model``; returns it with every tensor on the CPU. Raises a one-line
+def check_kept(model: nn.Module, kept: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``kept`` checked against ``model``; returns it with every tensor on the CPU. Raises a one-line
     ValueError naming the offending key."""
-    if not isinstance(keep, Mapping):
-        raise ValueError(f"keep must be a dict of module name -> bool tensor, got {type(keep).__name__}")
+    if not isinstance(kept, Mapping):
+        raise ValueError(f"kept must be a dict of module name -> bool tensor, got {type(kept).__name__}")
     modules = dict(model.named_modules())
     out = {}
-    for name, mask in keep.items():
+    for name, mask in kept.items():
         if name not in modules:
-            raise ValueError(f"keep[{name!r}]: the model has no module of that name")
+            raise ValueError(f"kept[{name!r}]: the model has no module of that name")
         m = modules[name]
         if isinstance(m, nn.Conv2d):
             n, what = m.out_channels, "out_channels of the Conv2d"
         elif isinstance(m, nn.Linear):
             n, what = m.in_features, "in_features of the Linear"
         else:
-            raise ValueError(f"keep[{name!r}]: expected a Conv2d or Linear module, got {type(m).__name__}")
+            raise ValueError(f"kept[{name!r}]: expected a Conv2d or Linear module, got {type(m).__name__}")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (n,):
             got = (f"{mask.dtype} tensor of shape {list(mask.shape)}" if isinstance(mask, torch.Tensor)
                    else type(mask).__name__)
-            raise ValueError(f"keep[{name!r}]: expected a torch.bool tensor of shape [{n}] ({what}), got {got}")
+            raise ValueError(f"kept[{name!r}]: expected a torch.bool tensor of shape [{n}] ({what}), got {got}")
         out[name] = mask.detach().to("cpu")
     return out
 
@@ -154,10 +156,10 @@ class SlimPlan:
         return {"dropped": dropped, "removed": removed, "masked": dropped - removed}
 
 
-def _removable(g: ChannelGraph, keep: Dict[str, torch.Tensor], modules: Dict[str, nn.Module]) -> List[torch.Tensor]:
+def _removable(g: ChannelGraph, kept: Dict[str, torch.Tensor], modules: Dict[str, nn.Module]) -> List[torch.Tensor]:
     """Per producer, the channels that no use reads (zero there, or ignored by a Linear's mask), adjusted
     so that grouped convs keep equal groups and every producer keeps a channel."""
-    dropped = [(~keep[name]) if (kind == "conv" and name in keep) else torch.zeros(n, dtype=torch.bool)
+    dropped = [(~kept[name]) if (kind == "conv" and name in kept) else torch.zeros(n, dtype=torch.bool)
                for name, kind, n in zip(g.producers, g.kinds, g.sizes)]
     live = [b.clone() for b in g.blocked]
 
@@ -168,8 +170,8 @@ def _removable(g: ChannelGraph, keep: Dict[str, torch.Tensor], modules: Dict[str
         for p in f.prod[has].unique().tolist():
             sel = f.prod == p
             ignored[sel] = f.zeroed[sel] & dropped[p][f.chan[sel]]
-        if use.kind == "linear" and use.module in keep:
-            ignored |= (~keep[use.module]).view(len(f), use.rep).all(1)
+        if use.kind == "linear" and use.module in kept:
+            ignored |= (~kept[use.module]).view(len(f), use.rep).all(1)
         for p in f.prod[has & ~ignored].unique().tolist():
             live[p][f.chan[(f.prod == p) & ~ignored]] = True
 
@@ -213,9 +215,9 @@ def _removed_at(flow, removable: List[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def slim_plan(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> SlimPlan:
-    """What :func:`slim_model` removes and masks (see the module docstring), in the model's own indices."""
-    keep = check_keep(model, keep)
+def slim_plan(model: nn.Module, kept: Mapping[str, torch.Tensor]) -> SlimPlan:
+    """What :func:`slim_layers` removes and masks (see the module docstring), in the model's own indices."""
+    kept = check_kept(model, kept)
     modules = dict(model.named_modules())
     pairs = conv_batchnorm_pairs(model)
     g = channel_graph(model, pairs)
@@ -225,7 +227,7 @@ def slim_plan(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> SlimPlan:
     by_index: List[torch.Tensor] = []
     uses = {}
     if g is not None:
-        by_index = _removable(g, keep, modules)
+        by_index = _removable(g, kept, modules)
         removable = dict(zip(g.producers, by_index))
         uses = {u.module: u for u in g.uses}
         for bn, flow in g.carriers:
@@ -233,7 +235,7 @@ def slim_plan(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> SlimPlan:
 
     for name, m in modules.items():
         if isinstance(m, nn.Conv2d):
-            dropped = ~keep[name] if name in keep else torch.zeros(m.out_channels, dtype=torch.bool)
+            dropped = ~kept[name] if name in kept else torch.zeros(m.out_channels, dtype=torch.bool)
             remove = removable.get(name, torch.zeros(m.out_channels, dtype=torch.bool))
             lp = LayerPlan("conv", dropped, remove, dropped & ~remove)
             use = uses.get(name)
@@ -241,7 +243,7 @@ def slim_plan(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> SlimPlan:
                             else torch.zeros(m.in_channels, dtype=torch.bool))
             plan.layers[name] = lp
         elif isinstance(m, nn.Linear):
-            dropped = ~keep[name] if name in keep else torch.zeros(m.in_features, dtype=torch.bool)
+            dropped = ~kept[name] if name in kept else torch.zeros(m.in_features, dtype=torch.bool)
             remove = removable.get(name, torch.zeros(m.out_features, dtype=torch.bool))
             use = uses.get(name)
             if use is not None:
@@ -279,7 +281,7 @@ def _remove_outputs(m: nn.Module, w: torch.Tensor, remove: torch.Tensor, size_at
 
 
 @torch.no_grad()
-def _apply(slim: nn.Module, plan: SlimPlan) -> nn.Module:
+def _build(slim: nn.Module, plan: SlimPlan) -> nn.Module:
     modules = dict(slim.named_modules())
     # 1. Fold masks, in the original indices.
     for name, lp in plan.layers.items():
@@ -345,18 +347,18 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def slim_model(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> nn.Module:
+def slim_layers(model: nn.Module, kept: Mapping[str, torch.Tensor]) -> nn.Module:
     """A physically smaller copy of ``model`` whose outputs equal the masked model's (module docstring).
 
-    ``keep``: module name -> bool tensor, ``[out_channels]`` for a Conv2d, ``[in_features]`` for a Linear
-    (True = kept); names not in it are fully kept. ``model`` is not modified.
+    ``kept``: module name -> bool tensor of its kept units, ``[out_channels]`` for a Conv2d,
+    ``[in_features]`` for a Linear; names not in it are fully kept. ``model`` is not modified.
     """
-    plan = slim_plan(model, keep)
-    return _apply(_copy_without_hooks(model), plan)
+    plan = slim_plan(model, kept)
+    return _build(_copy_without_hooks(model), plan)
 
 
-def keep_of_state(units, state: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """A state over ``units`` (uint8 or bool [D]) as the ``keep`` dict of :func:`slim_model`."""
+def kept_by_layer(units, state: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """A state over ``units`` (uint8 or bool [D]) as the ``kept`` dict of :func:`slim_layers`."""
     if state.dim() != 1 or state.numel() != units.num_units:
         raise ValueError(f"state must have shape [{units.num_units}] (D units), got {list(state.shape)}")
     return {layer.name: state[layer.start:layer.stop].detach().cpu().bool() for layer in units
@@ -365,11 +367,10 @@ def keep_of_state(units, state: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 def slim(model: nn.Module, state: torch.Tensor, units=None) -> nn.Module:
     """The physically smaller copy of ``model`` with ``state`` (uint8 or bool [D] over ``units``, by default
-    ``edropout.prunable_units(model)``) applied: :func:`slim_model` of its keep dict."""
-    from .units import prunable_units
-
+    ``edropout.prunable_units(model)``; an EDropout controller's is ``ed.state`` over ``ed.units``) applied:
+    :func:`slim_layers` of its per-layer kept units."""
     units = prunable_units(model) if units is None else units
-    return slim_model(model, keep_of_state(units, state))
+    return slim_layers(model, kept_by_layer(units, state))
 
 
 SLIM_FORMAT = "edropout.slim/1"
@@ -393,8 +394,6 @@ def load_slim(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn
     rebuilt by slimming ``model`` (a network of the unslimmed architecture, e.g. a fresh instance of your
     own class) with the file's state, or, when ``model`` is None, the ``edropout.models`` network that
     the file names; then the slim weights are loaded into it."""
-    from .units import prunable_units
-
     try:
         contents = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -415,13 +414,15 @@ def load_slim(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn
     return small.eval()
 
 
-def kept_parameters(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> int:
-    """The number of parameters that still act with ``keep`` applied: those of the slim model, less those
-    it zeroes to mask dropped units it cannot remove (a masked conv channel's kernel, bias and BatchNorm
-    weight and bias; a zeroed Linear column). Where every dropped unit is removable this is the slim
-    model's parameter count."""
-    plan = slim_plan(model, keep)
-    small = _apply(_copy_without_hooks(model), plan)
+def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[float, int]:
+    """(R, #p): the percentage and the number of ``model``'s trainable parameters that still act with
+    ``state`` applied (over ``units``, by default ``edropout.prunable_units(model)``): those of the slim
+    model, less those it zeroes to mask dropped units it cannot remove (a masked conv channel's kernel,
+    bias and BatchNorm weight and bias; a zeroed Linear column). Where every dropped unit is removable
+    this is the slim model's parameter count."""
+    units = prunable_units(model) if units is None else units
+    plan = slim_plan(model, kept_by_layer(units, state))
+    small = _build(_copy_without_hooks(model), plan)
     count = sum(p.numel() for p in small.parameters() if p.requires_grad)
     modules = dict(small.named_modules())
     for name, lp in plan.layers.items():
@@ -433,7 +434,8 @@ def kept_parameters(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> int:
             count -= int(lp.mask.sum()) * per_channel
         elif lp.kind == "linear" and lp.zero_columns is not None:
             count -= int(lp.zero_columns.sum()) * module.out_features
-    return count
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 100.0 * count / total, count
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",

@@ -338,7 +338,7 @@ def test_freezes_after_patience_and_contexts(gen):
         plain = model(x)
     torch.testing.assert_close(full, plain)
     assert not torch.allclose(pruned, plain)
-    R, p = ed.kept_parameters()
+    R, p = edropout.kept_parameters(ed.model, ed.state, ed.units)
     total = sum(q.numel() for q in model.parameters())
     assert 0 < p < total and R == pytest.approx(100 * p / total)
 
@@ -373,11 +373,11 @@ def test_slim_equals_the_masked_model_and_kept_parameters(gen, name, size):
     ed.masks.mask.copy_(random_state(ed, gen))
     model.eval()
     x = torch.randn(2, 3, size, size, generator=gen)
-    small = ed.slim()
+    small = edropout.slim(ed.model, ed.state, ed.units)
     with torch.no_grad():
         masked, slimmed = model(x), small(x)
     torch.testing.assert_close(slimmed, masked, rtol=1e-5, atol=1e-5 * float(masked.abs().max()))
-    R, kept = ed.kept_parameters()
+    R, kept = edropout.kept_parameters(ed.model, ed.state, ed.units)
     slim_count = sum(p.numel() for p in small.parameters())
     assert kept <= slim_count < sum(p.numel() for p in model.parameters())
     if name != "resnet18":  # every dropped unit is removable: the slim model is exactly what is kept

@@ -1,4 +1,4 @@
-"""edropout.data on small data sets written here in the real on-disk formats, read by torchvision's readers."""
+"""edropout.experiments.data on small data sets written here in the real on-disk formats, read by torchvision's readers."""
 
 import gzip
 import os
@@ -13,7 +13,7 @@ import torchvision.datasets.cifar
 import torchvision.datasets.flowers102
 from PIL import Image
 
-from edropout import data
+from edropout.experiments import data
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/fashion-sample"
 MEAN, STD = torch.tensor(data.MEAN)[:, None, None], torch.tensor(data.STD)[:, None, None]

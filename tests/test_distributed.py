@@ -25,13 +25,16 @@ from torch import nn
 from conftest import SEED
 from distributed_worker import SCENARIOS, controlled_run, network
 from edropout import EDropout, distributed
-from edropout import train as training
+from edropout.criteria import Magnitude, Random
+from edropout.experiments import build, loop, rundir, runs
+from edropout.experiments import config as configs
+from edropout.experiments import report as reports
 from test_train import TINY, tiny, tiny_config  # noqa: F401  (tiny: the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun command, wherever its script is
-MAIN = TINY + "\nimport sys\nfrom edropout.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
+MAIN = TINY + "\nimport sys\nfrom edropout.experiments.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
 
 
 def free_port():
@@ -159,7 +162,7 @@ def last(run_dir):
 
 def test_resume_with_another_number_of_processes(tmp_path, tiny):  # noqa: F811
     # epoch 1 in 1 process, epoch 2 on 2 (torchrun; every rank's state checked at every step), epoch 3 in 1
-    run_dir = training.train(tiny_config(tmp_path / "run", epochs=1, limit_batches=3, freeze_after=5, freeze_by=0), quiet=True)
+    run_dir = runs.train(tiny_config(tmp_path / "run", epochs=1, limit_batches=3, freeze_after=5, freeze_by=0), quiet=True)
     assert last(run_dir)["edropout"]["steps"] == 3
 
     set_epochs(run_dir, 2)
@@ -170,10 +173,10 @@ def test_resume_with_another_number_of_processes(tmp_path, tiny):  # noqa: F811
     assert second["edropout"]["steps"] == 6 and second["edropout"]["epoch"] == 2 and second["epoch"] == 2
 
     set_epochs(run_dir, 3)
-    training.train(None, resume=run_dir, quiet=True)
+    runs.train(None, resume=run_dir, quiet=True)
     third = last(run_dir)
     assert third["edropout"]["steps"] == 9 and third["edropout"]["epoch"] == 3
-    metrics = training.read_metrics(run_dir)
+    metrics = rundir.read_metrics(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert 0 < m["kept"] < 1 and m["train_top1"] >= 0
@@ -186,7 +189,7 @@ def test_a_rank_that_fails_stops_the_job_with_one_line(tmp_path, failure):
     code = TINY + f'''
 import os, sys, time
 from edropout.controller import EDropout
-from edropout.cli import main
+from edropout.experiments.cli import main
 _step = EDropout.step
 def step(self, *args, **kwargs):
     _step(self, *args, **kwargs)
@@ -210,7 +213,7 @@ raise SystemExit(main(sys.argv[1:]))
 
 
 def test_a_process_group_that_cannot_start_is_one_line(tmp_path, monkeypatch, capsys):
-    from edropout.cli import main
+    from edropout.experiments.cli import main
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -223,6 +226,6 @@ def test_a_process_group_that_cannot_start_is_one_line(tmp_path, monkeypatch, ca
 
 def test_batch_not_divisible_by_the_processes(tmp_path, tiny, monkeypatch):  # noqa: F811
     monkeypatch.setattr(distributed, "world_size", lambda: 2)  # as in a job of 2 processes
-    with pytest.raises(training.RunError, match="^batch_size 33 .* divisible by the 2 processes$"):
-        training.train(tiny_config(tmp_path / "run", batch_size=33), quiet=True)
+    with pytest.raises(configs.RunError, match="^batch_size 33 .* divisible by the 2 processes$"):
+        runs.train(tiny_config(tmp_path / "run", batch_size=33), quiet=True)
     assert not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ from torch import nn
 
 from edropout.graph import channel_graph, conv_batchnorm_pairs
 from edropout import prunable_units
-from edropout.slim import SelectLinear, keep_of_state, load_slim, save_slim, slim_model, slim_plan
+from edropout.slim import SelectLinear, kept_by_layer, load_slim, save_slim, slim_layers, slim_plan
 
 RTOL = 1e-5
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "alexnet", "squeezenet1_1"]
@@ -127,7 +127,7 @@ def check_slim(model, keep, x):
     """Slims ``model``; checks the output against the masked model's and that ``model`` is unchanged."""
     snap = snapshot(model)
     ref = masked_output(model, keep, x)
-    slim = slim_model(model, keep)
+    slim = slim_layers(model, keep)
     assert_unchanged(model, snap)
     assert slim is not model
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_what_is_removed_and_what_is_masked(gen):
     keep = random_keep(r18, gen)
     keep["conv1"][:2] = False
     keep["layer1.0.conv1"][:2] = False
-    slim = slim_model(r18, keep)
+    slim = slim_layers(r18, keep)
     # ResNet-18's stem joins the residual stream: masked. A block's first conv: removed with its BN.
     assert slim.conv1.out_channels == 64
     assert torch.all(slim.bn1.weight[~keep["conv1"]] == 0) and torch.all(slim.bn1.bias[~keep["conv1"]] == 0)
@@ -187,7 +187,7 @@ def test_what_is_removed_and_what_is_masked(gen):
     r50 = torchvision_model("resnet50")
     keep = random_keep(r50, gen)
     keep["conv1"][:2] = False
-    slim = slim_model(r50, keep)
+    slim = slim_layers(r50, keep)
     n = int(keep["conv1"].sum())
     assert slim.conv1.out_channels == n == slim.bn1.num_features == slim.layer1[0].conv1.in_channels
     assert slim.layer1[0].downsample[0].in_channels == n
@@ -199,7 +199,7 @@ def test_what_is_removed_and_what_is_masked(gen):
     keep["classifier.1"] = torch.ones(9216, dtype=torch.bool)
     keep["classifier.1"][36 * 3 + 5] = False  # one column of channel 3
     keep["features.10"][3] = True
-    slim = slim_model(ax, keep)
+    slim = slim_layers(ax, keep)
     kept = int(keep["features.10"].sum())
     assert slim.features[10].out_channels == kept
     assert isinstance(slim.classifier[1], SelectLinear) and slim.classifier[1].in_features == 36 * kept - 1
@@ -223,7 +223,7 @@ def test_script_trace_and_save(gen):
         model = torchvision_model(name)
         x = model_input(name, gen)
         keep = random_keep(model, gen)
-        slim = slim_model(model, keep).eval()
+        slim = slim_layers(model, keep).eval()
         with torch.no_grad():
             y = slim(x)
             assert torch.allclose(torch.jit.script(slim)(x), y, rtol=1e-5, atol=1e-6)
@@ -232,7 +232,7 @@ def test_script_trace_and_save(gen):
         # save_slim / load_slim: plain data, rebuilt by slimming a network of the same architecture
         units = prunable_units(model)
         state = (torch.rand(units.num_units, generator=gen) < 0.6).to(torch.uint8)
-        small = slim_model(model, keep_of_state(units, state)).eval()
+        small = slim_layers(model, kept_by_layer(units, state)).eval()
         buf = io.BytesIO()
         save_slim(buf, small, state, {"model": name})
         buf.seek(0)
@@ -255,7 +255,7 @@ def test_hooks_on_the_input_are_not_copied(gen):
     try:
         with torch.no_grad():
             ref = model(x)
-        slim = slim_model(model, keep)
+        slim = slim_layers(model, keep)
     finally:
         for h in handles:
             h.remove()
@@ -268,7 +268,7 @@ def test_train_mode_matches(gen):
     model = torchvision_model("resnet18")
     x = torch.randn(4, 3, 32, 32, generator=gen)
     keep = random_keep(model, gen)
-    slim = slim_model(model, keep)
+    slim = slim_layers(model, keep)
     train_copy = copy.deepcopy(model).train()
     ref = masked_output(train_copy, keep, x)
     # Batch statistics over 4 samples of a 1 x 1 map (the last stage) divide by small standard deviations,
@@ -446,16 +446,16 @@ def test_untraceable_model_is_masked(gen):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("nope", torch.ones(3, dtype=torch.bool), "keep\\['nope'\\]: the model has no module"),
-    ("bn1", torch.ones(16, dtype=torch.bool), "keep\\['bn1'\\]: expected a Conv2d or Linear.*BatchNorm2d"),
-    ("conv1", torch.ones(15, dtype=torch.bool), "keep\\['conv1'\\]: expected a torch.bool tensor of shape \\[16\\]"),
-    ("conv1", torch.ones(16), "keep\\['conv1'\\]: .*got torch.float32"),
-    ("fc1", torch.ones(64, dtype=torch.uint8), "keep\\['fc1'\\]: expected a torch.bool tensor of shape \\[64\\] "
+    ("nope", torch.ones(3, dtype=torch.bool), "kept\\['nope'\\]: the model has no module"),
+    ("bn1", torch.ones(16, dtype=torch.bool), "kept\\['bn1'\\]: expected a Conv2d or Linear.*BatchNorm2d"),
+    ("conv1", torch.ones(15, dtype=torch.bool), "kept\\['conv1'\\]: expected a torch.bool tensor of shape \\[16\\]"),
+    ("conv1", torch.ones(16), "kept\\['conv1'\\]: .*got torch.float32"),
+    ("fc1", torch.ones(64, dtype=torch.uint8), "kept\\['fc1'\\]: expected a torch.bool tensor of shape \\[64\\] "
                                                "\\(in_features"),
-    ("fc1", [True] * 64, "keep\\['fc1'\\]: .*got list"),
+    ("fc1", [True] * 64, "kept\\['fc1'\\]: .*got list"),
 ])
-def test_bad_keep(key, value, match):
+def test_bad_kept(key, value, match):
     model = UserCNN()
     with pytest.raises(ValueError, match=match) as err:
-        slim_model(model, {key: value})
+        slim_layers(model, {key: value})
     assert "\n" not in str(err.value)

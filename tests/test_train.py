@@ -18,8 +18,11 @@ import pytest
 import torch
 
 from edropout import models, ops
-from edropout import train as training
-from edropout.train import TrainConfig
+from edropout.criteria import Magnitude, Random
+from edropout.experiments import build, loop, rundir, runs
+from edropout.experiments import config as configs
+from edropout.experiments import report as reports
+from edropout.experiments.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +63,12 @@ def python(code, **kwargs):
 
 
 def test_run_directory_and_report(tmp_path, tiny):
-    run_dir = training.train(tiny_config(tmp_path / "run"), quiet=True)
+    run_dir = runs.train(tiny_config(tmp_path / "run"), quiet=True)
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "report.md", "report.json", "plots.png"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob(".*.tmp"))
     assert json.loads((run_dir / "config.json").read_text())["model"] == "tiny"
-    metrics = training.read_metrics(run_dir)
+    metrics = rundir.read_metrics(run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2]
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "best_energy", "mean_energy", "kept", "lr", "time"):
         assert key in metrics[0]
@@ -83,22 +86,22 @@ def test_run_directory_and_report(tmp_path, tiny):
     # magnitude pruning keeps as many units as EDropout(P)
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     ed_state = checkpoint["edropout"]["mask"]
-    model, ed = training.build_network(tiny_config(run_dir), 1, 10)
-    training.restore(checkpoint, model, ed)
-    magnitude = training.magnitude_state(ed, ed.state)
+    model, ed = build.build_network(tiny_config(run_dir), 1, 10)
+    build.restore(checkpoint, model, ed)
+    magnitude = Magnitude().state(ed.units, ed.state)
     assert int(magnitude.sum()) == int(ed_state.sum())
     md = (run_dir / "report.md").read_text()
     assert "| EDropout(P) |" in md and "| Magnitude (post-hoc) |" in md
 
 
 def test_modes_original_and_random(tmp_path, tiny):
-    run = training.train(tiny_config(tmp_path / "orig", mode="original", epochs=1), quiet=True)
+    run = runs.train(tiny_config(tmp_path / "orig", mode="original", epochs=1), quiet=True)
     rows = json.loads((run / "report.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["Original"] and rows[0]["R"] == 100.0
-    run = training.train(tiny_config(tmp_path / "rand", mode="random", epochs=1, p_init=0.5), quiet=True)
+    run = runs.train(tiny_config(tmp_path / "rand", mode="random", epochs=1, p_init=0.5), quiet=True)
     rows = json.loads((run / "report.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["Random(0.5)(F)", "Random(0.5)(P)"] and rows[1]["R"] < 100
-    assert training.read_metrics(run)[0]["frozen"] is True
+    assert rundir.read_metrics(run)[0]["frozen"] is True
 
 
 def _states(run_dir):
@@ -133,7 +136,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny):
 import time
 from pathlib import Path
 from edropout.controller import EDropout
-from edropout.train import TrainConfig, train
+from edropout.experiments.config import TrainConfig
+from edropout.experiments.runs import train
 _step = EDropout.step
 def step(self, *a, **k):
     _step(self, *a, **k)
@@ -154,19 +158,19 @@ train(TrainConfig(**{asdict(config)!r}), quiet=True)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
 
-    training.train(None, resume=killed, quiet=True)
-    straight = training.train(tiny_config(tmp_path / "straight", epochs=3, limit_batches=5, freeze_by=3), quiet=True)
+    runs.train(None, resume=killed, quiet=True)
+    straight = runs.train(tiny_config(tmp_path / "straight", epochs=3, limit_batches=5, freeze_by=3), quiet=True)
     a, b = _states(killed), _states(straight)
     assert a["epoch"] == b["epoch"] == 3
     for key in ("model", "optimizer", "scheduler", "edropout", "rng", "best_top1"):
         _assert_same(a[key], b[key], key)
     strip = lambda ms: [{k: v for k, v in m.items() if k != "time"} for m in ms]  # noqa: E731
-    assert strip(training.read_metrics(killed)) == strip(training.read_metrics(straight))
+    assert strip(rundir.read_metrics(killed)) == strip(rundir.read_metrics(straight))
 
 
 def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    training.save_checkpoint({"epoch": 1, "x": torch.arange(5)}, path)
+    rundir.save_checkpoint({"epoch": 1, "x": torch.arange(5)}, path)
     before = path.read_bytes()
 
     def partial_save(obj, f, *args, **kwargs):
@@ -175,7 +179,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", partial_save)
     with pytest.raises(OSError):
-        training.save_checkpoint({"epoch": 2}, path)
+        rundir.save_checkpoint({"epoch": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary file is gone
     monkeypatch.undo()
@@ -217,10 +221,10 @@ def test_cli_bad_input(tmp_path, monkeypatch):
 
 
 def test_cli_corrupt_checkpoint_and_existing_run(tmp_path, tiny):
-    run_dir = training.train(tiny_config(tmp_path / "run", epochs=1, limit_batches=2), quiet=True)
+    run_dir = runs.train(tiny_config(tmp_path / "run", epochs=1, limit_batches=2), quiet=True)
     files = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     # an existing run directory is never overwritten
-    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    main = "from edropout.experiments.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
     assert_bad(cli("train", "--model", "tiny", "--run-dir", str(run_dir), code=main), "already exists")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files
     # a checkpoint of another network (wrong channel count) and a corrupt one
@@ -238,7 +242,7 @@ def test_cli_corrupt_checkpoint_and_existing_run(tmp_path, tiny):
 def test_output_to_a_file_has_no_progress_bar(tmp_path, tiny):
     """stdout and stderr not terminals (a log file, CI): a one-line summary first, then one line per epoch,
     no carriage return; the report is printed as a table."""
-    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    main = "from edropout.experiments.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
     log = tmp_path / "log"
     with open(log, "w") as f:
         result = subprocess.run([sys.executable, "-c", TINY + main, "train", "--model", "tiny", "--epochs", "2",
@@ -267,12 +271,12 @@ class _Payload:
 
 def test_a_run_directory_with_a_pickle_payload_is_refused_without_running_it(tmp_path, tiny):
     run_dir = tmp_path / "run"
-    training.train(tiny_config(run_dir, epochs=1, limit_batches=2), quiet=True, print_report=False)
+    runs.train(tiny_config(run_dir, epochs=1, limit_batches=2), quiet=True, print_report=False)
     marker = tmp_path / "payload-ran"
     for name in ("best.pt", "last.pt"):
         torch.save({"model": _Payload(marker), "epoch": 1, "meta": {}}, run_dir / name)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    main = "from edropout.experiments.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
     for args in (("eval", str(run_dir)), ("export", str(run_dir)), ("train", "--resume", str(run_dir))):
         assert_bad(cli(*args, code=main), "not an edropout checkpoint", "refused")
         assert not marker.exists(), args
@@ -289,7 +293,7 @@ def test_checkpoints_hold_plain_data_and_older_ones_load(tmp_path, tiny):
     """best.pt and last.pt load with weights_only=True; one written before (NumPy's RNG state as an array,
     the couplings as an ops.Couplings) still loads and resumes."""
     run_dir = tmp_path / "run"
-    training.train(tiny_config(run_dir, epochs=2), quiet=True, print_report=False)
+    runs.train(tiny_config(run_dir, epochs=2), quiet=True, print_report=False)
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     older = dict(checkpoint, rng=dict(checkpoint["rng"], numpy=np.random.get_state()))
     couplings = older["edropout"]["energy"]["couplings"]
@@ -297,17 +301,17 @@ def test_checkpoints_hold_plain_data_and_older_ones_load(tmp_path, tiny):
                              "couplings": ops.Couplings(couplings["values"], tuple(couplings["sizes"]),
                                                         tuple(couplings["ranks"]))})
     torch.save(older, run_dir / "last.pt")
-    loaded = training.load_checkpoint(run_dir / "last.pt")
+    loaded = rundir.load_checkpoint(run_dir / "last.pt")
     assert isinstance(loaded["edropout"]["energy"]["couplings"], ops.Couplings)
-    config = training.read_config(run_dir)
+    config = rundir.read_config(run_dir)
     config.epochs = 3
-    training.write_text(run_dir / "config.json", json.dumps(asdict(config)))
-    training.train(None, resume=run_dir, quiet=True, print_report=False)
+    rundir.write_text(run_dir / "config.json", json.dumps(asdict(config)))
+    runs.train(None, resume=run_dir, quiet=True, print_report=False)
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 3
 
 
 def test_cli_train_eval_export_round_trip(tmp_path, tiny):
-    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    main = "from edropout.experiments.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
     run_dir = tmp_path / "run"
     result = cli("train", "--model", "tiny", "--epochs", "1", "--batch-size", "32", "--limit-batches", "3",
                  "--device", "cpu", "--run-dir", str(run_dir), "--quiet", code=main)
@@ -324,8 +328,8 @@ def test_cli_train_eval_export_round_trip(tmp_path, tiny):
     again = load_slim(run_dir / "slim.pt", model=models.build("tiny", 1, 10))  # from a given network
     scripted = torch.jit.load(str(run_dir / "slim.ts"))
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
-    model, ed = training.build_network(TrainConfig(**json.loads((run_dir / "config.json").read_text())), 1, 10)
-    training.restore(checkpoint, model, ed)
+    model, ed = build.build_network(TrainConfig(**json.loads((run_dir / "config.json").read_text())), 1, 10)
+    build.restore(checkpoint, model, ed)
     model.eval()
     x = torch.randn(16, 1, 8, 8)
     with torch.no_grad(), ed.pruned():
@@ -338,13 +342,13 @@ def test_cli_train_eval_export_round_trip(tmp_path, tiny):
 
 
 def test_several_seeds_report_mean_and_std(tmp_path, tiny):
-    parent = training.train_runs(tiny_config(tmp_path / "runs", epochs=1, limit_batches=2), runs=2, quiet=True)
+    parent = runs.train_runs(tiny_config(tmp_path / "runs", epochs=1, limit_batches=2), runs=2, quiet=True)
     assert (parent / "seed-0" / "best.pt").is_file() and (parent / "seed-1" / "best.pt").is_file()
     result = json.loads((parent / "report.json").read_text())
     assert result["seeds"] == [0, 1] and len(result["rows"]) == len(result["std"]) == 6
     assert "±" in (parent / "report.md").read_text()
     # the directory of several runs is not one run: exporting it names the problem
-    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    main = "from edropout.experiments.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
     assert_bad(cli("export", str(parent), code=main), "2 runs", "seed-*")
     (parent / "seed-1" / "config.json").write_text("[1, 2]")
     assert_bad(cli("train", "--resume", str(parent / "seed-1"), code=main), "config.json", "JSON object")
@@ -357,7 +361,7 @@ def test_magnitude_state_keeps_each_layers_count_by_norm(tiny, gen):
     from edropout import EDropout
     ed = EDropout(model)
     reference = (torch.rand(ed.units.num_units, generator=gen) < 0.4) | ed.always_kept
-    state = training.magnitude_state(ed, reference)
+    state = Magnitude().state(ed.units, reference)
     for layer in ed.units:
         kept, ref = state[layer.start:layer.stop], reference[layer.start:layer.stop]
         if layer.always_kept:
@@ -400,19 +404,19 @@ def test_full_network_evaluated_with_its_own_batchnorm_statistics(tiny, gen):
     with torch.no_grad():
         with ed.full():
             stale = model(x)
-            with training.calibrated_batchnorm(model, dataset, 256, "cpu", ed):
+            with reports.calibrated_batchnorm(model, dataset, 256, "cpu", ed):
                 full = model(x)
                 assert not model.training and not ed.masks.collect
-        with training.calibrated_batchnorm(plain, dataset, 256, "cpu"):
+        with reports.calibrated_batchnorm(plain, dataset, 256, "cpu"):
             expected = plain(x)
     torch.testing.assert_close(full, expected)
     assert (stale - expected).abs().max() > 1e-3  # the masked statistics do not describe the full network
     for k, v in model.state_dict().items():  # the statistics of training are back
         assert torch.equal(v, trained[k]), k
     # the second BatchNorm's running mean is the mean over the calibration batches of its input
-    with training.calibrated_batchnorm(plain, dataset, 256, "cpu"):
+    with reports.calibrated_batchnorm(plain, dataset, 256, "cpu"):
         means = []
-        for batch, _ in training.calibration_loader(dataset, 256):
+        for batch, _ in reports.calibration_loader(dataset, 256):
             h = plain[:3].train()(batch)
             means.append(plain[3](h).mean(dim=(0, 2, 3)))
         plain.eval()
@@ -420,18 +424,18 @@ def test_full_network_evaluated_with_its_own_batchnorm_statistics(tiny, gen):
 
 
 def test_calibration_count():
-    assert training.calibration_count(1258, 2048) == 1152  # whole batches of 128
-    assert training.calibration_count(1258, 256) == 256
-    assert training.calibration_count(1258, 200) == 256
-    assert training.calibration_count(50, 2048) == 50
-    assert training.calibration_count(1258, 0) == 0
+    assert reports.calibration_count(1258, 2048) == 1152  # whole batches of 128
+    assert reports.calibration_count(1258, 256) == 256
+    assert reports.calibration_count(1258, 200) == 256
+    assert reports.calibration_count(50, 2048) == 50
+    assert reports.calibration_count(1258, 0) == 0
 
 
 def test_compare_original_trains_the_original_beside(tmp_path, tiny):
     config = tiny_config(tmp_path / "both", epochs=1, limit_batches=3)
-    both = training.train(TrainConfig(**{**asdict(config), "compare_original": True}), quiet=True)
-    alone = training.train(tiny_config(tmp_path / "alone", epochs=1, limit_batches=3), quiet=True)
-    original = training.train(tiny_config(tmp_path / "orig", epochs=1, limit_batches=3, mode="original"), quiet=True)
+    both = runs.train(TrainConfig(**{**asdict(config), "compare_original": True}), quiet=True)
+    alone = runs.train(tiny_config(tmp_path / "alone", epochs=1, limit_batches=3), quiet=True)
+    original = runs.train(tiny_config(tmp_path / "orig", epochs=1, limit_batches=3, mode="original"), quiet=True)
     assert json.loads((both / "original" / "config.json").read_text())["mode"] == "original"
     rows = json.loads((both / "report.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["Original", "EDropout(F)", "EDropout(P)", "Random 25% (post-hoc)",
@@ -443,12 +447,12 @@ def test_compare_original_trains_the_original_beside(tmp_path, tiny):
     # (magnitude keeps EDropout's count per layer; R may still differ where a conv channel feeds a Linear input)
     assert 0 < rows[-1]["R"] < 100
     # finished: a resume leaves it as it is and re-reports the same rows
-    training.train(None, resume=both, quiet=True, print_report=False)
+    runs.train(None, resume=both, quiet=True, print_report=False)
     assert json.loads((both / "report.json").read_text())["rows"] == rows
 
 
 def test_cli_bad_new_options(tmp_path, capsys):
-    from edropout.cli import main
+    from edropout.experiments.cli import main
     for args, word in ((["--energy", "spin"], "energy"), (["--keep-rate", "1.5"], "keep_rate"),
                        (["--evolution", "binary"], "evolution"), (["--applied", "mean"], "applied"),
                        (["--freeze-by", "-1"], "freeze_by"), (["--mutation", "2"], "mutation"),
@@ -463,7 +467,7 @@ def test_cli_bad_new_options(tmp_path, capsys):
 
 def test_every_config_field_has_a_flag():
     from dataclasses import fields
-    from edropout.cli import parser
+    from edropout.experiments.cli import parser
     train_parser = parser()._subparsers._group_actions[0].choices["train"]
     flags = {option for action in train_parser._actions for option in action.option_strings}
     for field in fields(TrainConfig):
@@ -481,7 +485,7 @@ def _readme_flags(command):
 
 @pytest.mark.parametrize("command", ["train", "eval", "export"])
 def test_readme_documents_every_flag(command):
-    from edropout.cli import parser
+    from edropout.experiments.cli import parser
     sub = parser()._subparsers._group_actions[0].choices[command]
     flags = set()
     for action in sub._actions:
@@ -510,13 +514,13 @@ def _layer_counts(ed, state):
 def test_baselines_are_sibling_runs(tmp_path, tiny):
     config = tiny_config(tmp_path / "run", epochs=3, limit_batches=4, baselines="scratch,finetune")
     assert config.compare_original  # finetune needs the Original
-    run_dir = training.train(config, quiet=True)
+    run_dir = runs.train(config, quiet=True)
     for name in ("original", "scratch", "finetune"):
         assert (run_dir / name / "report.json").is_file(), name
         assert json.loads((run_dir / name / "config.json").read_text())["mode"] == name
     rows = json.loads((run_dir / "report.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ROWS
-    model, ed = training.build_network(tiny_config(run_dir), 1, 10)
+    model, ed = build.build_network(tiny_config(run_dir), 1, 10)
     edropout_state = _state_of(run_dir / "best.pt")
 
     # scratch: the same seed and schedule, a random state of EDropout's per-layer widths fixed from the start
@@ -525,19 +529,19 @@ def test_baselines_are_sibling_runs(tmp_path, tiny):
         {"seed": 0, "epochs": 3, "lr": None, "lr_step": 50, "batch_size": 32}
     scratch_state = _state_of(run_dir / "scratch" / "best.pt")
     assert _layer_counts(ed, scratch_state) == _layer_counts(ed, edropout_state)
-    assert torch.equal(scratch_state, training.layer_random_state(ed, edropout_state, 0))
-    assert all(m["frozen"] for m in training.read_metrics(run_dir / "scratch"))
+    assert torch.equal(scratch_state, Random(0).state(ed.units, edropout_state))
+    assert all(m["frozen"] for m in rundir.read_metrics(run_dir / "scratch"))
     assert torch.equal(_state_of(run_dir / "scratch" / "last.pt"), scratch_state)
 
     # finetune: the Original's best.pt pruned by magnitude at those widths, then epochs // 5 (at least 1)
     # epochs at the schedule's second learning rate
-    metrics = training.read_metrics(run_dir / "finetune")
-    assert len(metrics) == 1 and metrics[0]["lr"] == pytest.approx(training.finetune_lr(config)) == 0.1
+    metrics = rundir.read_metrics(run_dir / "finetune")
+    assert len(metrics) == 1 and metrics[0]["lr"] == pytest.approx(configs.finetune_lr(config)) == 0.1
     original = torch.load(run_dir / "original" / "best.pt", weights_only=True)
-    training.restore(original, model, None)
-    assert torch.equal(_state_of(run_dir / "finetune" / "best.pt"), training.magnitude_state(ed, edropout_state))
-    assert training.finetune_lr(tiny_config(run_dir, optimizer="sgd", lr_gamma=0.2)) == pytest.approx(0.02)
-    assert training.finetune_lr(tiny_config(run_dir, finetune_lr=0.5)) == 0.5
+    build.restore(original, model, None)
+    assert torch.equal(_state_of(run_dir / "finetune" / "best.pt"), Magnitude().state(ed.units, edropout_state))
+    assert configs.finetune_lr(tiny_config(run_dir, optimizer="sgd", lr_gamma=0.2)) == pytest.approx(0.02)
+    assert configs.finetune_lr(tiny_config(run_dir, finetune_lr=0.5)) == 0.5
     finetuned = torch.load(run_dir / "finetune" / "best.pt", weights_only=True)["model"]
     changed = [k for k, v in original["model"].items() if v.is_floating_point() and not torch.equal(v, finetuned[k])]
     assert changed  # it trained from the Original's weights...
@@ -555,7 +559,7 @@ def test_baselines_are_sibling_runs(tmp_path, tiny):
     shutil.rmtree(run_dir / "finetune")
     (run_dir / "scratch" / "report.json").unlink()
     (run_dir / "scratch" / "last.pt").write_bytes((run_dir / "scratch" / "best.pt").read_bytes())
-    training.train(None, resume=run_dir, quiet=True, print_report=False)
+    runs.train(None, resume=run_dir, quiet=True, print_report=False)
     assert json.loads((run_dir / "report.json").read_text())["rows"][4] == rows[4]
     assert (run_dir / "scratch" / "report.json").is_file()
 
@@ -564,16 +568,16 @@ def test_layer_random_state_keeps_each_layers_count(tiny, gen):
     from edropout import EDropout
     ed = EDropout(models.build("tiny", 1, 10))
     reference = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept
-    a, b = (training.layer_random_state(ed, reference, seed) for seed in (0, 1))
+    a, b = (Random(seed).state(ed.units, reference) for seed in (0, 1))
     assert _layer_counts(ed, a) == _layer_counts(ed, b) == _layer_counts(ed, reference)
-    assert not torch.equal(a, b) and torch.equal(a, training.layer_random_state(ed, reference, 0))
+    assert not torch.equal(a, b) and torch.equal(a, Random(0).state(ed.units, reference))
     assert a[ed.always_kept].all()
 
 
 def test_several_runs_with_baselines_resume_and_aggregate(tmp_path, tiny):
-    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    main = "from edropout.experiments.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
     config = tiny_config(tmp_path / "runs", epochs=1, limit_batches=2, baselines="scratch")
-    parent = training.train_runs(config, runs=2, quiet=True)
+    parent = runs.train_runs(config, runs=2, quiet=True)
     result = json.loads((parent / "report.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["EDropout(F)", "EDropout(P)", "Random (scratch)"] + ROWS[5:9]
     # a run cut short: --resume of the directory continues it and reports again
@@ -586,9 +590,9 @@ def test_several_runs_with_baselines_resume_and_aggregate(tmp_path, tiny):
 
 
 def test_original_dir_replaces_training_one(tmp_path, tiny):
-    originals = training.train_runs(tiny_config(tmp_path / "orig", mode="original", epochs=1, limit_batches=2),
+    originals = runs.train_runs(tiny_config(tmp_path / "orig", mode="original", epochs=1, limit_batches=2),
                                     runs=2, quiet=True)
-    parent = training.train_runs(tiny_config(tmp_path / "ed", epochs=1, limit_batches=2, original_dir=str(originals),
+    parent = runs.train_runs(tiny_config(tmp_path / "ed", epochs=1, limit_batches=2, original_dir=str(originals),
                                              baselines="finetune"), runs=2, quiet=True)
     for s in (0, 1):
         assert not (parent / f"seed-{s}" / "original").exists()
@@ -596,17 +600,17 @@ def test_original_dir_replaces_training_one(tmp_path, tiny):
         assert rows[0] == json.loads((originals / f"seed-{s}" / "report.json").read_text())["rows"][0]
         assert [r["method"] for r in rows][:4] == ["Original", "EDropout(F)", "EDropout(P)", "Magnitude + fine-tune"]
     # an Original of another schedule, or not finished, is refused before anything is written
-    with pytest.raises(training.RunError, match="epochs 1 .this run: 2."):
-        training.train(tiny_config(tmp_path / "x", epochs=2, original_dir=str(originals / "seed-0")), quiet=True)
+    with pytest.raises(configs.RunError, match="epochs 1 .this run: 2."):
+        runs.train(tiny_config(tmp_path / "x", epochs=2, original_dir=str(originals / "seed-0")), quiet=True)
     (originals / "seed-1" / "report.json").unlink()
-    with pytest.raises(training.RunError, match="not finished"):
-        training.train_runs(tiny_config(tmp_path / "y", epochs=1, limit_batches=2, original_dir=str(originals)),
+    with pytest.raises(configs.RunError, match="not finished"):
+        runs.train_runs(tiny_config(tmp_path / "y", epochs=1, limit_batches=2, original_dir=str(originals)),
                             runs=2, quiet=True)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_cli_bad_baselines(tmp_path, capsys):
-    from edropout.cli import main
+    from edropout.experiments.cli import main
     for args, word in ((["--baselines", "scratch,prune"], "'prune'"),
                        (["--baselines", "scratch", "--mode", "random"], "mode edropout"),
                        (["--finetune-epochs", "0"], "finetune_epochs"),
@@ -621,7 +625,7 @@ def test_cli_bad_baselines(tmp_path, capsys):
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
                     reason="needs Debian's dataset-fashion-mnist")
 def test_cli_trains_on_the_system_fashion_mnist(tmp_path):
-    main = "from edropout.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
+    main = "from edropout.experiments.cli import main; import sys; raise SystemExit(main(sys.argv[1:]))"
     (tmp_path / "empty").mkdir()
     result = cli("train", "--dataset", "fashion", "--data-root", str(tmp_path / "empty"), "--model", "tiny",
                  "--epochs", "1", "--limit-batches", "20", "--bn-calibration", "256", "--device", "cpu",
@@ -641,16 +645,16 @@ def load_benchmark(name):
 
 def test_finetune_lr_sweep_reads_validation_only(tmp_path, tiny, monkeypatch):
     config = tiny_config(tmp_path / "run", epochs=2, limit_batches=3, compare_original=True)
-    run_dir = training.train(config, quiet=True, print_report=False)
+    run_dir = runs.train(config, quiet=True, print_report=False)
     sweep = load_benchmark("finetune_lr")
 
     def no_test_set(*args, **kwargs):
         raise AssertionError("the sweep evaluated on the test set")
-    monkeypatch.setattr(training, "evaluate_run", no_test_set)
+    monkeypatch.setattr(reports, "evaluate_run", no_test_set)
     assert sweep.main([str(run_dir), "--lrs", "1,0.01", "--out", str(tmp_path / "sweep.md")]) == 0
     table = (tmp_path / "sweep.md").read_text()
     for lr in (1.0, 0.01):
-        metrics = training.read_metrics(run_dir / f"finetune-lr{lr:g}")
+        metrics = rundir.read_metrics(run_dir / f"finetune-lr{lr:g}")
         assert [m["lr"] for m in metrics] == [lr]  # epochs // 5, at least 1, at this learning rate
         assert f"| {lr:g} | {metrics[0]['val_top1']:.2f} |" in table
         assert not (run_dir / f"finetune-lr{lr:g}" / "report.json").exists()
@@ -658,8 +662,8 @@ def test_finetune_lr_sweep_reads_validation_only(tmp_path, tiny, monkeypatch):
 
 def test_metrics_show_the_dynamics_and_the_deadline_freezes(tmp_path, tiny):
     config = tiny_config(tmp_path / "run", epochs=4, freeze_after=4, patience=10_000, applied="sample")
-    metrics = training.read_metrics(training.train(config, quiet=True, print_report=False))
-    assert training.freeze_by(config) == 2 and [m["frozen"] for m in metrics] == [False, True, True, True]
+    metrics = rundir.read_metrics(runs.train(config, quiet=True, print_report=False))
+    assert configs.freeze_by(config) == 2 and [m["frozen"] for m in metrics] == [False, True, True, True]
     before, after = metrics[:2], metrics[2:]
     assert all(m["best_changes"] > 0 for m in before) and all(m["best_changes"] == 0 for m in after)
     assert all(0 < m["diversity"] <= 1 for m in before) and len({m["diversity"] for m in after}) == 1
@@ -667,23 +671,23 @@ def test_metrics_show_the_dynamics_and_the_deadline_freezes(tmp_path, tiny):
     assert ever == sorted(ever) and ever[1] == ever[-1] and metrics[0]["kept"] <= ever[0] <= 1
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["edropout"]
     assert int(checkpoint["changes"]) == sum(m["best_changes"] for m in metrics)
-    prunable = ~training.build_network(config, 1, 10)[1].always_kept
+    prunable = ~build.build_network(config, 1, 10)[1].always_kept
     assert ever[-1] == pytest.approx(float(checkpoint["ever_kept"][prunable].float().mean()))
     assert torch.equal(checkpoint["mask"].to(torch.uint8), checkpoint["best_state"])  # frozen: the best state
     plain = tiny_config(tmp_path / "rand", mode="random", epochs=1)
-    record = training.read_metrics(training.train(plain, quiet=True, print_report=False))[0]
+    record = rundir.read_metrics(runs.train(plain, quiet=True, print_report=False))[0]
     assert record["best_changes"] is None and record["diversity"] is None and record["ever_kept"] is None
 
 
 def test_runs_from_before_the_rule_and_the_deadline_read_as_they_ran(tmp_path, tiny):
-    run_dir = training.train(tiny_config(tmp_path / "run", epochs=1), quiet=True, print_report=False)
+    run_dir = runs.train(tiny_config(tmp_path / "run", epochs=1), quiet=True, print_report=False)
     values = json.loads((run_dir / "config.json").read_text())
     assert values["evolution"] == "edropout" and values["freeze_by"] is None
     for key in ("evolution", "freeze_by", "applied", "mutation"):
         del values[key]
     (run_dir / "config.json").write_text(json.dumps(values))
-    config = training.read_config(run_dir)
-    assert config.evolution == "classic" and training.freeze_by(config) is None and config.applied == "best"
+    config = rundir.read_config(run_dir)
+    assert config.evolution == "classic" and configs.freeze_by(config) is None and config.applied == "best"
 
 
 def test_dropout_phase_candidates_read_validation_only(tmp_path, tiny, monkeypatch):
@@ -691,15 +695,15 @@ def test_dropout_phase_candidates_read_validation_only(tmp_path, tiny, monkeypat
 
     def no_test_set(*args, **kwargs):
         raise AssertionError("the candidates were evaluated on the test set")
-    monkeypatch.setattr(training, "evaluate_run", no_test_set)
+    monkeypatch.setattr(reports, "evaluate_run", no_test_set)
     out = tmp_path / "table.md"
     assert bench.main([str(tmp_path / "c"), "--dataset", "digits", "--model", "tiny", "--epochs", "2",
                        "--limit-batches", "3", "--candidates", "classic,sample", "--out", str(out)]) == 0
     table = out.read_text()
     for name, (rule, applied) in (("classic", ("classic", "best")), ("sample", ("edropout", "sample"))):
-        config = training.read_config(tmp_path / "c" / name)
-        assert (config.evolution, config.applied, training.freeze_by(config)) == (rule, applied, 1)
-        metrics = training.read_metrics(tmp_path / "c" / name)
+        config = rundir.read_config(tmp_path / "c" / name)
+        assert (config.evolution, config.applied, configs.freeze_by(config)) == (rule, applied, 1)
+        metrics = rundir.read_metrics(tmp_path / "c" / name)
         assert metrics[0]["frozen"] and f"| {name} | " in table
         assert f"| {metrics[0]['best_changes']} | {metrics[0]['ever_kept']:.3f} |" in table
 
@@ -713,7 +717,7 @@ def test_digits_run_explores_then_freezes_by_the_deadline(tmp_path, applied):
     result = cli("train", "--epochs", "8", "--applied", applied, "--device", "cpu",
                  "--run-dir", str(tmp_path / "run"), "--quiet", timeout=600)  # ~100 s on 2 idle cores
     assert result.returncode == 0, result.stderr
-    metrics = training.read_metrics(tmp_path / "run")
+    metrics = rundir.read_metrics(tmp_path / "run")
     before = [m for m in metrics if m["epoch"] <= 4]
     assert [m["frozen"] for m in metrics] == [False] * 3 + [True] * 5
     assert all(m["diversity"] > 0 for m in before) and all(m["best_changes"] == 0 for m in metrics[4:])

@@ -45,6 +45,8 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 from torchvision.datasets.utils import extract_archive
 
+from ..distributed import first_line
+
 DATASETS = ("fashion", "kuzushiji", "cifar10", "cifar100", "flowers", "imagefolder", "digits")
 AUGMENTED = ("cifar10", "cifar100", "flowers")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -148,7 +150,7 @@ def _open(name, path, download, make):
         return make()
     except (RuntimeError, OSError) as e:
         if download:
-            raise RuntimeError(f"{name}: could not download into {path}: {str(e).splitlines()[0]}") from e
+            raise RuntimeError(f"{name}: could not download into {path}: {first_line(e)}") from e
         state = "incomplete or corrupted data" if Path(path).exists() else "no data"
         hint = ("pass --download to fetch it (needs network)" if name != "imagefolder"
                 else "expected train/<class>/*.png and test/<class>/*.png")

@@ -1,0 +1,113 @@
+"""The pieces of a run, built from its TrainConfig: the data, the network and its EDropout controller, the
+optimiser and its schedule, each epoch's batches; and a finished run opened again from its checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .. import distributed, models
+from ..controller import EDropout
+from ..energies import EnergyLoss, IsingEnergy
+from . import data
+from .config import RunError, TrainConfig, check_config, freeze_by
+from .rundir import load_checkpoint, read_config
+
+
+def load_data(config: TrainConfig) -> data.Splits:
+    try:
+        return data.load(config.dataset, config.data_root, models.INPUT_SIZE[config.model],
+                         download=config.download, seed=config.seed)
+    except (FileNotFoundError, RuntimeError, ValueError, ImportError) as e:
+        raise RunError(distributed.first_line(e)) from None
+
+
+def build_network(config: TrainConfig, in_channels: int, num_classes: int, device=None):
+    """The network (initialised from ``seed``) on ``device`` (default ``config.device``) and its EDropout
+    controller (None for mode original)."""
+    torch.manual_seed(config.seed)
+    model = models.build(config.model, in_channels, num_classes).to(config.device if device is None else device)
+    if config.mode == "original":
+        return model, None
+    energy = EnergyLoss() if config.energy == "loss" else IsingEnergy(refresh_every=config.refresh_every)
+    ed = EDropout(model, energy=energy, population=config.population, p_init=config.p_init,
+                  mutation=config.mutation, rule=config.evolution, applied=config.applied,
+                  keep_rate=config.keep_rate if config.mode == "edropout" else None,
+                  freeze_after=config.freeze_after, patience=config.patience, freeze_by=freeze_by(config),
+                  seed=config.seed)
+    if config.mode == "random":  # a random state, fixed from the start: pruning at initialisation
+        generator = torch.Generator().manual_seed(config.seed)
+        ed.freeze(torch.rand(ed.units.num_units, generator=generator) < config.p_init)
+    return model, ed
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module):
+    if config.optimizer == "adadelta":
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0 if config.lr is None else config.lr,
+                                         rho=config.rho, eps=config.eps, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 if config.lr is None else config.lr,
+                                    momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    return optimizer, scheduler
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of epoch ``epoch``: the same order whether or not the run was resumed."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_loader(dataset, config: TrainConfig, epoch: int) -> DataLoader:
+    """The training batches of epoch ``epoch``, the same whether or not the run was resumed.
+
+    Several processes: DistributedSampler's order for seed * 1000003 + epoch, rank r taking every N-th sample, so
+    each global batch of ``batch_size`` is the same set of samples for any number N of processes (one
+    process shuffles with ``epoch_generator`` instead). Each rank's global RNG (augmentation, dropout
+    layers) is seeded from (seed, epoch, rank): the ranks draw differently, and a resumed epoch the same."""
+    if not distributed.active():
+        return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
+                          generator=epoch_generator(config.seed, epoch))
+    world, rank = distributed.world_size(), distributed.rank()
+    torch.manual_seed((config.seed * 1_000_003 + epoch) * 4099 + rank)
+    # DistributedSampler seeds epoch e with seed + e: spread the runs' seeds apart as epoch_generator does
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed * 1_000_003,
+                                 drop_last=False)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=config.batch_size // world, sampler=sampler, num_workers=config.num_workers)
+
+
+def restore(checkpoint: dict, model, ed, optimizer=None, scheduler=None, path="checkpoint") -> None:
+    """Load a checkpoint's states; RunError (one line) when they do not fit the network."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        if ed is not None:
+            if checkpoint.get("edropout") is None:
+                raise ValueError("no EDropout state")
+            ed.load_state_dict(checkpoint["edropout"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: does not fit the network of config.json ({distributed.first_line(e)})") from None
+
+
+def open_run(run_dir, device: Optional[str] = None, name: str = "best.pt"
+             ) -> Tuple[TrainConfig, dict, nn.Module, Optional[EDropout]]:
+    """A finished run again: (config, the checkpoint ``name``, the network and controller with its states).
+    ``device``: where (default: the run's own)."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    if device is not None:
+        config.device = device
+    check_config(config)
+    checkpoint = load_checkpoint(run_dir / name, config.device)
+    meta = checkpoint["meta"]
+    model, ed = build_network(config, meta["in_channels"], meta["num_classes"])
+    restore(checkpoint, model, ed, path=run_dir / name)
+    return config, checkpoint, model, ed

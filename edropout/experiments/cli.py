@@ -1,0 +1,126 @@
+"""The ``edropout`` command.
+
+    python -m edropout train [options]     train (EDropout on digits with a small schedule by default)
+    python -m edropout train --resume RUN_DIR
+    python -m edropout eval RUN_DIR        re-evaluate best.pt on the test set and print the report
+    python -m edropout export RUN_DIR      write slim.pt (slimmed network, edropout.load_slim) and slim.ts (TorchScript)
+    torchrun --nproc_per_node N -m edropout train [options]     the same on N processes (DDP)
+
+Without ``--config``, ``train`` starts from a small schedule (``config.SMALL``: ResNet-18 at 32x32, 15
+epochs, batch 64, the state free to freeze from epoch 8 after 50 unchanged steps, the learning rate divided
+by 10 at epoch 12), which finishes in about a minute on a 2-core CPU. Each option's help comes from its
+TrainConfig field (:mod:`edropout.experiments.config`). ``--config FILE`` starts from the
+TrainConfig fields of a JSON file instead (the paper's schedule for fields it leaves out), and options
+given on the command line override either. Bad input prints one line on stderr and exits with code 2; a
+process of a multi-process job that loses the others (one died or stopped answering for ``--dist-timeout``
+seconds) prints one line naming its rank and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from ..distributed import ProcessGroupFailure, RanksDisagree
+from .config import SMALL, RunError, TrainConfig, help_text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        sys.stderr.write(f"edropout: {message}\n")
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edropout", description="EDropout: energy-based dropout and pruning.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train a network (EDropout on digits with a small schedule by default)")
+    for f in fields(TrainConfig):  # one option per field, its help from the field (experiments.config)
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            t.add_argument(flag, action="store_true", default=None, help=help_text(f.name))
+        else:
+            kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
+            t.add_argument(flag, type=kind, default=None, help=help_text(f.name))
+    t.add_argument("--runs", type=int, default=1, help="runs with seeds seed..seed+runs-1 in RUN_DIR/seed-<s>, "
+                                                        "reported as mean ± std (default 1)")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR (or every run of a directory of --runs N)")
+    t.add_argument("--config", metavar="FILE", default=None,
+                   help="start from the TrainConfig fields of a JSON file (the paper's schedule for the others)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    e = sub.add_parser("eval", help="re-evaluate best.pt of a run on the test set and print the report")
+    e.add_argument("run_dir", help="a run directory, or a directory of runs (seed-*/) to report as mean ± std")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
+    e.add_argument("--bn-calibration", type=int, default=None, metavar="N",
+                   help="training images for each row's BatchNorm statistics, 0: those of training "
+                        "(default: the run's)")
+    x = sub.add_parser("export", help="write slim.pt and slim.ts of a run's best.pt")
+    x.add_argument("run_dir", help="a run directory")
+    return p
+
+
+def config_of(args) -> TrainConfig:
+    if args.config is not None:
+        try:
+            values = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"--config {args.config}: unreadable JSON ({type(e).__name__})") from None
+        if not isinstance(values, dict):
+            raise RunError(f"--config {args.config}: expected a JSON object of TrainConfig fields")
+        values = dict(values)
+    else:
+        values = dict(SMALL)
+    for key in (f.name for f in fields(TrainConfig)):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    try:
+        return TrainConfig.from_dict(values)
+    except TypeError as e:
+        raise RunError(f"config: {e}") from None
+
+
+def run(args) -> int:
+    from . import export, report, rundir, runs
+
+    if args.command == "train":
+        if args.resume is not None:
+            runs.resume(args.resume, args.device, args.dist_timeout, quiet=args.quiet)
+        else:
+            runs.train_runs(config_of(args), args.runs, quiet=args.quiet)
+        return 0
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    if args.command == "eval":
+        if rundir.seed_dirs(run_dir) and not (run_dir / "best.pt").exists():
+            report.aggregate(run_dir, reevaluate=True, device=args.device, bn_calibration=args.bn_calibration)
+        else:
+            report.report(run_dir, device=args.device, bn_calibration=args.bn_calibration)
+        return 0
+    for path in export.export(run_dir).values():
+        print(path)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except RunError as e:
+        sys.stderr.write(f"edropout: {e}\n")
+        return 2
+    except (ProcessGroupFailure, RanksDisagree) as e:
+        sys.stderr.write(f"edropout: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("edropout: interrupted; resume with --resume RUN_DIR\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

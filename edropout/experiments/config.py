@@ -1,0 +1,238 @@
+"""A run's configuration: :class:`TrainConfig`, its checks, and what is derived from it.
+
+Each field carries its command-line help (``metadata["help"]``), from which ``edropout train --help`` is
+written, so a field, its default and its help live in one place. The defaults are the EDropout paper's
+schedule (its reference implementation's); the command starts from a small schedule instead (``SMALL``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .. import models, ops
+from ..controller import APPLIED, check_arguments
+from . import data
+
+MODES = ("edropout", "original", "random", "scratch", "finetune")  # the last two: baselines of an edropout run
+# The baselines, sibling runs of an EDropout run in <run_dir>/<name>, and their rows in the report
+BASELINES = {"scratch": "Random (scratch)", "finetune": "Magnitude + fine-tune"}
+# What an Original run must share with the run it is compared with (--original-dir)
+SAME_SCHEDULE = ("dataset", "model", "optimizer", "lr", "rho", "eps", "momentum", "weight_decay", "lr_step",
+                 "lr_gamma", "batch_size", "epochs", "seed", "limit_batches")
+OPTIMIZERS = ("adadelta", "sgd")
+ENERGIES = ("ising", "loss")
+# Fields a run's config.json may lack (written before they existed) and the behaviour of such a run
+OLDER_RUNS = {"evolution": "classic", "freeze_by": 0}
+# The command's starting point without --config: about a minute on a 2-core CPU with digits
+SMALL = dict(epochs=15, batch_size=64, freeze_after=8, patience=50, lr_step=12)
+
+
+class RunError(Exception):
+    """Bad input or an unusable run directory; the message is one line that names the problem."""
+
+
+def _option(default, help: str, shown: Optional[str] = None):
+    """A field with its command-line help; ``shown``: the default as the help states it, when not the value."""
+    return field(default=default, metadata={"help": help, "shown": shown})
+
+
+def _one_of(choices) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = _option("digits", _one_of(data.DATASETS))
+    data_root: str = _option("data", "folder of the data sets")
+    download: bool = _option(False, "download missing torchvision data sets into --data-root")
+    model: str = _option("resnet18", _one_of(models.MODELS))
+    mode: str = _option("edropout", "edropout, original (no EDropout) or random (a random state keeping --p-init "
+                                    "of the units, fixed from the start)")
+    compare_original: bool = _option(False, "also train mode original with the same seed and schedule in "
+                                             "RUN_DIR/original; the report adds Original and Magnitude (Original, "
+                                             "post-hoc)")
+    original_dir: Optional[str] = _option(None, "compare with this finished run of mode original (same data, "
+                                                "network, seed and schedule; with --runs, a directory of them, "
+                                                "seed-<s>/) instead of training one in RUN_DIR/original; implies "
+                                                "--compare-original", "none")
+    baselines: str = _option("", "comma-separated sibling runs in RUN_DIR/<name>: scratch (a random state of "
+                                 "EDropout's per-layer widths, trained from scratch) and finetune (the Original "
+                                 "pruned by magnitude to those widths, then fine-tuned; implies --compare-original)",
+                             "none")
+    finetune_epochs: Optional[int] = _option(None, "baseline finetune: epochs of fine-tuning",
+                                             "a fifth of --epochs, at least 1")
+    finetune_lr: Optional[float] = _option(None, "baseline finetune: its constant learning rate",
+                                           "the schedule's second, --lr times --lr-gamma, chosen on validation")
+    epochs: int = _option(200, "training epochs")
+    batch_size: int = _option(128, "batch size (the global batch with several processes)")
+    optimizer: str = _option("adadelta", "adadelta or sgd (momentum, Nesterov)")
+    lr: Optional[float] = _option(None, "learning rate", "1.0 for adadelta, 0.1 for sgd")
+    rho: float = _option(0.9, "Adadelta's rho")
+    eps: float = _option(1e-6, "Adadelta's eps")
+    momentum: float = _option(0.9, "SGD's momentum")
+    weight_decay: float = _option(1e-5, "weight decay")
+    lr_step: int = _option(50, "StepLR: epochs between two decays of the learning rate")
+    lr_gamma: float = _option(0.1, "StepLR: factor of each decay")
+    population: int = _option(8, "candidate states K, at least 4")
+    p_init: float = _option(0.5, "probability that a unit is kept in the initial states, in (0, 1]")
+    energy: str = _option("ising", "ising (Ising energy, refreshed every --refresh-every steps) or loss (energy "
+                                   "loss on each batch)")
+    refresh_every: int = _option(100, "ising: steps between two refreshes of its fields and couplings")
+    keep_rate: Optional[float] = _option(None, "every state keeps this fraction of the prunable units, in (0, 1]",
+                                         "none, the energy decides")
+    freeze_after: int = _option(100, "epoch from which the state may freeze (early state convergence)")
+    patience: int = _option(100, "steps without a change of the best state that freeze it")
+    freeze_by: Optional[int] = _option(None, "the epoch at whose end the state freezes whatever happens; 0: none",
+                                       "half of --epochs")
+    evolution: str = _option("edropout", "the evolution's mutation rule: edropout (the reference "
+                                         "implementation's; a converged population keeps exploring) or classic "
+                                         "(binary differential evolution)")
+    mutation: float = _option(0.1, "the evolution's mutation probability")
+    applied: str = _option("best", "the state applied until the freeze: best (the population's best), sample (a "
+                                   "member drawn at each step) or anneal (a drawn member with probability 1 - "
+                                   "epoch / --freeze-by, else the best)")
+    bn_calibration: int = _option(2048, "report: training images on which each row re-estimates its BatchNorm "
+                                        "statistics; 0 keeps those of training")
+    seed: int = _option(0, "seed of the initial weights, data order, validation split, states and evolution")
+    device: str = _option("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda",
+                          "cuda when available")
+    num_workers: int = _option(0, "data loader worker processes")
+    run_dir: Optional[str] = _option(None, "run directory", "runs/<dataset>-<model>-<mode>-<time>")
+    limit_batches: Optional[int] = _option(None, "at most this many training batches per epoch (quick checks)",
+                                           "all")
+    dist_timeout: int = _option(600, "several processes (torchrun): seconds a process waits for the others "
+                                     "before it fails")
+
+    def __post_init__(self):
+        if "finetune" in baseline_names(self) or self.original_dir is not None:  # both need the Original
+            self.compare_original = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RunError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+def help_text(name: str) -> str:
+    """The command-line help of field ``name``, with the command's default and the paper's schedule."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    if f.type == "bool":
+        return f.metadata["help"]
+    shown = f.metadata["shown"] or str(f.default)
+    if name in SMALL:
+        shown = f"{SMALL[name]}; the paper's schedule {f.default}"
+    return f"{f.metadata['help']} (default {shown})"
+
+
+def baseline_names(config: TrainConfig) -> List[str]:
+    """The baselines of ``config`` in the order they are trained: scratch, then finetune."""
+    if not isinstance(config.baselines, str):
+        return []
+    names = [name.strip() for name in config.baselines.split(",") if name.strip()]
+    return sorted(set(names), key=lambda name: (list(BASELINES) + [name]).index(name))
+
+
+def freeze_by(config: TrainConfig) -> Optional[int]:
+    """The epoch at whose end the state freezes whatever happens (0: no deadline, as runs before it)."""
+    value = config.epochs // 2 if config.freeze_by is None else config.freeze_by
+    return value if value > 0 else None
+
+
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise RunError (one line) for a configuration that cannot run."""
+    for name, choices in (("dataset", data.DATASETS), ("model", models.MODELS), ("mode", MODES),
+                          ("optimizer", OPTIMIZERS), ("energy", ENERGIES), ("evolution", ops.RULES),
+                          ("applied", APPLIED)):
+        if getattr(config, name) not in choices:
+            raise RunError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+    if not isinstance(config.baselines, str):
+        raise RunError(f"baselines must be a comma-separated string of {', '.join(BASELINES)}; got {config.baselines!r}")
+    unknown = [name for name in baseline_names(config) if name not in BASELINES]
+    if unknown:
+        raise RunError(f"baselines must be among {', '.join(BASELINES)}; got {', '.join(map(repr, unknown))}")
+    if baseline_names(config) and config.mode != "edropout":
+        raise RunError(f"baselines need mode edropout (they are measured against its state); got mode {config.mode!r}")
+    if config.compare_original and config.mode not in ("edropout", "random"):
+        raise RunError("compare_original, original_dir and the finetune baseline need mode edropout or random")
+    if config.finetune_epochs is not None and not _positive_int(config.finetune_epochs):
+        raise RunError(f"finetune_epochs must be a positive integer or None; got {config.finetune_epochs!r}")
+    check_bn_calibration(config.bn_calibration)
+    for name in ("batch_size", "epochs", "lr_step", "patience", "refresh_every", "dist_timeout"):
+        if not _positive_int(getattr(config, name)):
+            raise RunError(f"{name} must be a positive integer; got {getattr(config, name)!r}")
+    if config.freeze_after < 0 or config.num_workers < 0:
+        raise RunError("freeze_after and num_workers must not be negative")
+    if config.freeze_by is not None and (isinstance(config.freeze_by, bool) or not isinstance(config.freeze_by, int)
+                                         or config.freeze_by < 0):
+        raise RunError(f"freeze_by must be a non-negative integer (an epoch) or None; got {config.freeze_by!r}")
+    if config.applied == "anneal" and freeze_by(config) is None:
+        raise RunError(f"applied anneal needs a freeze deadline of at least epoch 1 (it anneals towards it); "
+                       f"got freeze_by {config.freeze_by!r} with {config.epochs} epochs")
+    try:  # what the controller itself checks, in its words
+        check_arguments(population=config.population, p_init=config.p_init, mutation=config.mutation,
+                        keep_rate=config.keep_rate, patience=config.patience, freeze_by=freeze_by(config))
+    except (ValueError, TypeError) as e:
+        raise RunError(str(e)) from None
+    if config.p_init == 0:
+        raise RunError(f"p_init must be in (0, 1]; got {config.p_init!r}")
+    for name in ("lr", "finetune_lr"):
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise RunError(f"{name} must be positive; got {value!r}")
+    if config.limit_batches is not None and not _positive_int(config.limit_batches):
+        raise RunError(f"limit_batches must be a positive integer or None; got {config.limit_batches!r}")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise RunError(f"device: not a torch device: {config.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {config.device!r}: CUDA is not available here")
+
+
+def check_bn_calibration(images) -> None:
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise RunError(f"bn_calibration must be a number of images >= 0; got {images!r}")
+
+
+def sibling_config(config: TrainConfig, run_dir: Path, name: str) -> TrainConfig:
+    """The config of sibling run ``name`` (original, scratch or finetune) of ``config``'s run in ``run_dir``."""
+    values = {**asdict(config), "mode": name, "compare_original": False, "original_dir": None, "baselines": "",
+              "run_dir": str(Path(run_dir) / name)}
+    if name == "finetune":  # a constant learning rate for finetune_epochs
+        epochs = finetune_epochs(config)
+        values.update(epochs=epochs, lr=finetune_lr(config), lr_step=epochs)
+    return TrainConfig.from_dict(values)
+
+
+def finetune_epochs(config: TrainConfig) -> int:
+    return config.finetune_epochs if config.finetune_epochs is not None else max(1, config.epochs // 5)
+
+
+def first_lr(config: TrainConfig) -> float:
+    return config.lr if config.lr is not None else (1.0 if config.optimizer == "adadelta" else 0.1)
+
+
+def finetune_lr(config: TrainConfig) -> float:
+    """The finetune baseline's learning rate: ``finetune_lr``, by default the schedule's second one (its
+    first times lr_gamma), chosen on validation: on Fashion-MNIST (ResNet-18, seed 0) it fine-tuned to
+    87.2 % validation top-1 against 82.1, 84.7 and 75.6 % for the first, third and fourth (the last, the
+    usual choice) of the schedule (README, "Result on Fashion-MNIST")."""
+    return config.finetune_lr if config.finetune_lr is not None else first_lr(config) * config.lr_gamma
+
+
+def summary_line(config: TrainConfig, run_dir: Path) -> str:
+    """A run's first line: what is trained where (every setting is in config.json)."""
+    steps = "" if config.limit_batches is None else f" of at most {config.limit_batches} steps"
+    return (f"{config.mode} {config.model} on {config.dataset}, {config.epochs} epochs{steps}, seed {config.seed}, "
+            f"{config.device}: {run_dir} (settings in config.json)")

@@ -1,0 +1,217 @@
+"""Run directories: what a run writes, and how it is read back safely.
+
+    config.json      the TrainConfig of the run (with ``"runs": N``: a directory of N runs, seed-<s>/)
+    metrics.jsonl    one line per epoch (see :mod:`edropout.experiments.loop`)
+    last.pt          the state after the last finished epoch (model, optimiser, scheduler, EDropout, RNGs)
+    best.pt          the same at the epoch of the best validation top-1
+    report.md/json   the test-set report of best.pt (:mod:`edropout.experiments.report`)
+    plots.png        the per-epoch curves (:mod:`edropout.experiments.plots`)
+    original/, scratch/, finetune/   sibling runs, each a run directory of its own
+
+Every file is written to a temporary file in the same folder, flushed to disk and renamed over the old
+one, so a run killed at any instant leaves the last good file. Checkpoints hold plain data only (tensors,
+numbers, strings, lists, dicts) and are read with ``torch.load(..., weights_only=True)``: opening a run
+directory someone sent you runs none of its code, and a file that is not such a checkpoint is refused with
+one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import random
+import re
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .. import ops
+from .config import OLDER_RUNS, SAME_SCHEDULE, RunError, TrainConfig
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file of the same folder, fsync it and rename
+    it over ``path``: ``path`` is either the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
+
+
+# Checkpoints written before 2026-11-26 held NumPy's RNG state as an array and the couplings as an
+# ops.Couplings: data-only types, allowed so that those runs still load (nothing else is).
+_numpy_core = getattr(np, "_core", None) or np.core  # NumPy 2 / 1
+OLDER_CHECKPOINT_TYPES = [np.dtype, np.ndarray, _numpy_core.multiarray._reconstruct, ops.Couplings]
+OLDER_CHECKPOINT_TYPES += [type(np.dtype(t)) for t in ("u4", "i8", "f8")]
+
+
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    """A checkpoint of this package, read with ``weights_only=True``; RunError (one line) for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such checkpoint")
+    try:
+        with torch.serialization.safe_globals(OLDER_CHECKPOINT_TYPES):
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # a global that is not plain data: another program's file, or worse
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it holds {found.group(1)}" if found else "it holds objects other than plain data"
+        raise RunError(f"{path}: not an edropout checkpoint ({what}); refused without running it") from None
+    except Exception as e:
+        raise RunError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "epoch", "meta"} <= set(checkpoint):
+        raise RunError(f"{path}: not an edropout training checkpoint")
+    return checkpoint
+
+
+def config_values(run_dir) -> dict:
+    """The JSON object of ``run_dir``/config.json, or RunError (one line)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(values, dict):
+        raise RunError(f"{path}: expected a JSON object of TrainConfig fields")
+    return values
+
+
+def config_of_values(values: dict, run_dir) -> TrainConfig:
+    """The TrainConfig of one run's config.json ``values`` (older runs' missing fields filled in)."""
+    if "runs" in values:  # written by train_runs
+        raise RunError(f"{run_dir}: a directory of {values['runs']} runs, not one run: name one of them (seed-*/)")
+    return TrainConfig.from_dict({**OLDER_RUNS, **values})
+
+
+def read_config(run_dir) -> TrainConfig:
+    return config_of_values(config_values(run_dir), run_dir)
+
+
+def holds_runs(run_dir) -> bool:
+    """Whether ``run_dir`` is a directory of several runs (written by ``train_runs``)."""
+    try:
+        return "runs" in config_values(run_dir)
+    except RunError:
+        return False
+
+
+def seed_dirs(run_dir) -> List[Path]:
+    """The runs of a directory of several runs, by seed."""
+    return sorted((p for p in Path(run_dir).glob("seed-*") if (p / "config.json").is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_metrics(run_dir) -> List[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir, metrics: List[dict]) -> None:
+    write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def create_run_dir(config: TrainConfig, runs: Optional[int] = None) -> Path:
+    """A fresh run directory (created, writable and empty, or RunError) holding the config.json of
+    ``config`` (with ``runs``: a directory of that many runs), whose run_dir it becomes."""
+    if config.run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{config.dataset}-{config.model}-{config.mode}-{stamp}"
+    else:
+        run_dir = Path(config.run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunError(f"run directory {run_dir} already exists and is not empty (resume it with --resume)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"run directory {run_dir} is not writable ({e.strerror or type(e).__name__})") from None
+    config.run_dir = str(run_dir)
+    values = asdict(config) if runs is None else {**asdict(config), "runs": runs}
+    write_text(run_dir / "config.json", json.dumps(values, indent=2) + "\n")
+    return run_dir
+
+
+def original_path(config: TrainConfig, run_dir: Optional[Path]) -> Optional[Path]:
+    """The Original run compared with ``config``'s run in ``run_dir``: original_dir (its seed-<seed>/ where
+    it holds several runs) or <run_dir>/original; None without compare_original."""
+    if config.original_dir is not None:
+        given = Path(config.original_dir)
+        per_seed = given / f"seed-{config.seed}"
+        return per_seed if (per_seed / "config.json").is_file() else given
+    return Path(run_dir) / "original" if config.compare_original else None
+
+
+def check_original(config: TrainConfig, seeds=None) -> None:
+    """RunError unless original_dir holds a finished run of mode original with ``config``'s data, network,
+    schedule and seed (each of ``seeds``, when given)."""
+    for seed in ([config.seed] if seeds is None else seeds):
+        seeded = replace(config, seed=seed)
+        path = original_path(seeded, None)
+        other = read_config(path)
+        if other.mode != "original":
+            raise RunError(f"original_dir {path}: a run of mode {other.mode!r}, not original")
+        differ = [name for name in SAME_SCHEDULE if getattr(other, name) != getattr(seeded, name)]
+        if differ:
+            raise RunError(f"original_dir {path}: " + ", ".join(f"{name} {getattr(other, name)!r} (this run: "
+                                                                  f"{getattr(seeded, name)!r})" for name in differ))
+        if not (path / "report.json").is_file():
+            raise RunError(f"original_dir {path}: not finished (resume it first: --resume {path})")
+
+
+def rng_states() -> dict:
+    """The global RNG states as plain data (lists, numbers, tensors)."""
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    if isinstance(key, torch.Tensor):  # older checkpoints: NumPy's own tuple
+        key = key.numpy().astype(np.uint32)
+    np.random.set_state((kind, key, pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,188 @@
+"""Runs as the command starts them: ``train(config)``, ``train_runs(config, runs)``, ``resume(run_dir)``.
+
+A run is a plan of sibling runs, trained in turn in one process group, then reported together:
+
+    <run_dir>/original/   mode original, the same seed and schedule (compare_original, finetune; or the
+                          finished run of original_dir instead)
+    <run_dir>/            the run itself (edropout or random)
+    <run_dir>/scratch/    baseline scratch: a random state with EDropout's per-layer widths, fixed from
+                          the first step, trained from scratch with the same seed and schedule
+    <run_dir>/finetune/   baseline finetune: the Original pruned by magnitude to EDropout's per-layer
+                          widths, fine-tuned finetune_epochs epochs at finetune_lr
+
+Each sibling is a run directory of its own (config.json, checkpoints, report), resumable like any: a plan
+resumed skips what is finished (its report is the last thing a run writes), continues what was started
+and starts the rest. ``train_runs`` runs the plan once per seed in <run_dir>/seed-<s>/ and reports mean ±
+std over them.
+
+Several processes (``torchrun --nproc_per_node N -m edropout train``, WORLD_SIZE > 1): every process runs
+the same plan on its share of each global batch under DistributedDataParallel; they hold the same weights
+and EDropout state, and rank 0 alone writes files. Checkpoints hold the global state (network, optimiser,
+population, step), so a run resumes with any number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .. import distributed
+from .build import load_data
+from .config import BASELINES, RunError, TrainConfig, baseline_names, check_config, sibling_config, summary_line
+from .loop import train_loop
+from .plots import plot
+from .report import aggregate, report
+from .rundir import check_original, config_of_values, config_values, create_run_dir, read_config
+
+__all__ = ["train", "train_runs", "resume", "plan"]
+
+
+def train(config: Optional[TrainConfig] = None, resume=None, quiet: bool = False, print_report: bool = True) -> Path:
+    """Train ``config`` (a new run directory), or continue the run in ``resume``; returns the run directory.
+    ``quiet``: no progress bars or per-epoch lines (the final report is printed still, unless not
+    ``print_report``). On resume the run's own config.json is used (``config``, when given, only sets the
+    device and ``dist_timeout``)."""
+    if resume is not None:
+        config = _stored(read_config(resume), config)
+    config = config or TrainConfig()
+    check_config(config)
+    with distributed.launched(config.device, config.dist_timeout) as device:
+        return run_plan(config, resume, quiet, device, print_report)
+
+
+def train_runs(config: TrainConfig, runs: int, quiet: bool = False) -> Path:
+    """``runs`` runs with seeds seed .. seed+runs-1 in <run_dir>/seed-<s>, and report.md/json over them
+    (mean ± std) in <run_dir>. One run is ``train(config)``; ``resume`` continues them."""
+    if runs == 1:
+        return train(config, quiet=quiet)
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise RunError(f"runs must be a positive integer; got {runs!r}")
+    check_config(config)
+    if config.original_dir is not None:  # resumable from anywhere
+        config.original_dir = str(Path(config.original_dir).resolve())
+    with distributed.launched(config.device, config.dist_timeout) as device:
+        def make_parent():
+            load_data(config)  # missing data or Original runs: fail before creating anything
+            if config.original_dir is not None:
+                check_original(config, seeds=range(config.seed, config.seed + runs))
+            return str(create_run_dir(config, runs=runs))
+        config.run_dir = on_rank0(make_parent)
+        _train_seeds(config, Path(config.run_dir), runs, quiet, device)
+    return Path(config.run_dir)
+
+
+def resume(run_dir, device: Optional[str] = None, dist_timeout: Optional[int] = None, quiet: bool = False) -> Path:
+    """Continue the run in ``run_dir``, or every run of a directory of ``train_runs`` (each resumed, started,
+    or left as it is when finished, then reported as mean ± std)."""
+    values = config_values(run_dir)
+    runs = values.pop("runs", None)
+    config = config_of_values(values, run_dir) if runs is None else TrainConfig.from_dict(values)
+    config = _stored(config, None, device, dist_timeout)
+    check_config(config)
+    with distributed.launched(config.device, config.dist_timeout) as launched_device:
+        if runs is None:
+            return run_plan(config, Path(run_dir), quiet, launched_device)
+        _train_seeds(config, Path(run_dir), runs, quiet, launched_device)
+    return Path(run_dir)
+
+
+def plan(config: TrainConfig, run_dir: Path) -> List[TrainConfig]:
+    """The runs of ``config``'s run in ``run_dir``, in the order they are trained (module docstring)."""
+    runs = [sibling_config(config, run_dir, "original")] if config.compare_original and not config.original_dir else []
+    return runs + [config] + [sibling_config(config, run_dir, name) for name in baseline_names(config)]
+
+
+def run_plan(config: TrainConfig, resume: Optional[Path], quiet: bool, device: torch.device,
+             print_report: bool = True) -> Path:
+    """The plan of ``config`` (checked) in this process, one of ``distributed.world_size()``: each run
+    trained, continued, or skipped when finished; then the report over all of them."""
+    several, rank0, world = distributed.active(), distributed.rank() == 0, distributed.world_size()
+    if config.batch_size % world:
+        raise RunError(f"batch_size {config.batch_size} (the global batch) must be divisible by the {world} processes")
+    if config.original_dir is not None:
+        check_original(config)  # before anything is written
+        if resume is None:  # resumable from anywhere
+            config.original_dir = str(Path(config.original_dir).resolve())
+    if config.mode in BASELINES:  # a baseline alone: EDropout's state must be there before anything is written
+        parent = Path(resume if resume is not None else config.run_dir or ".").parent
+        if config.run_dir is None or not (parent / "best.pt").is_file():
+            raise RunError(f"mode {config.mode} is the baseline that --baselines {config.mode} trains in the folder "
+                           f"of an EDropout run; {parent} holds no EDropout best.pt")
+
+    # data, then the run directory (so that missing data leaves nothing behind); rank 0 creates it
+    if several and config.download:  # one process downloads, the others then read what it wrote
+        on_rank0(lambda: load_data(config).num_classes)
+    splits = load_data(config)
+    if resume is None:
+        config.run_dir = on_rank0(lambda: str(create_run_dir(config)))
+    run_dir = Path(config.run_dir if resume is None else resume)
+    if not quiet and rank0:
+        print(summary_line(config, run_dir) + (f", {world} processes" if several else ""))
+
+    for run in plan(config, run_dir):
+        if run is config:
+            train_loop(config, run_dir, splits, device, quiet)
+            continue
+        sibling_dir = Path(run.run_dir)
+        if (sibling_dir / "report.json").is_file():  # finished
+            continue
+        if (sibling_dir / "config.json").is_file():
+            run = _stored(read_config(sibling_dir), config)
+        else:
+            check_config(run)
+            on_rank0(lambda: str(create_run_dir(run)))
+        if not quiet and rank0:
+            print(summary_line(run, sibling_dir))
+        train_loop(run, sibling_dir, splits, device, quiet)
+        if rank0:
+            report(sibling_dir, splits=splits, quiet=True)
+            plot(sibling_dir)
+
+    if rank0:
+        report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
+        plot(run_dir)
+    return run_dir
+
+
+def on_rank0(make):
+    """``make()`` on rank 0 only; its result, or its RunError, on every rank (one process: ``make()``)."""
+    result = error = None
+    if distributed.rank() == 0:
+        try:
+            result = make()
+        except RunError as e:
+            error = str(e)
+    result, error = distributed.broadcast_from_rank0((result, error))
+    if error is not None:
+        raise RunError(error)
+    return result
+
+
+def _stored(stored: TrainConfig, given: Optional[TrainConfig], device: Optional[str] = None,
+            dist_timeout: Optional[int] = None) -> TrainConfig:
+    """A run's stored config, with the device and process-group timeout of ``given`` (or those given)."""
+    if given is not None:
+        stored.device, stored.dist_timeout = given.device, given.dist_timeout
+    if device is not None:
+        stored.device = device
+    if dist_timeout is not None:
+        stored.dist_timeout = dist_timeout
+    return stored
+
+
+def _train_seeds(config: TrainConfig, parent: Path, runs: int, quiet: bool, device: torch.device) -> None:
+    for s in range(config.seed, config.seed + runs):
+        run = replace(config, seed=s, run_dir=str(parent / f"seed-{s}"))
+        run_dir = Path(run.run_dir)
+        if (run_dir / "report.json").is_file():  # finished
+            continue
+        started = (run_dir / "config.json").is_file()
+        if started:
+            run = _stored(read_config(run_dir), run)
+        check_config(run)
+        run_plan(run, run_dir if started else None, quiet, device)
+    if distributed.rank() == 0:
+        aggregate(parent, quiet=quiet)
