@@ -1,8 +1,9 @@
 """EDropout's cost per training iteration, against the original network's, for the six networks.
 
-The seed's NumPy proof of concept was 1.33x to 28.97x slower than plain training (one RTX GPU, Flowers,
-8 candidate states); this prints the same table for this implementation on this device, beside the
-seed's figures. One training iteration = forward, backward and optimiser step (Adadelta, the seed's), and
+The reference implementation, a NumPy proof of concept, was 1.33x to 28.97x slower than plain training
+(one RTX GPU, Flowers, 8 candidate states); this prints the same table for this implementation on this
+device, beside its figures. One training iteration = forward, backward and optimiser step (Adadelta, as
+the reference implementation), and
 for EDropout everything it adds: masking, activity statistics, evolution, energies, selection. Variants,
 each on its own copy of the network, same batch, device and dtype, synthetic inputs (102 classes):
 
@@ -61,7 +62,7 @@ from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
 from numpy_step import numpy_step  # noqa: E402
 from timing import describe, environment, make_timer  # noqa: E402
 
-SEED_RATIO = {"resnet18": 17.21, "resnet34": 25.12, "resnet50": 19.63, "resnet101": 22.56, "alexnet": 28.97,
+REFERENCE_RATIO = {"resnet18": 17.21, "resnet34": 25.12, "resnet50": 19.63, "resnet101": 22.56, "alexnet": 28.97,
               "squeezenet1_1": 1.33}
 ENERGIES = ("ising", "loss", "numpy")
 
@@ -259,14 +260,14 @@ def main(argv=None):
           f"{args.iters} rounds of the variants in turn "
           f"after {args.warmup} warm-up iterations, each timed iteration after {args.settle} untimed; median ratios")
     columns = "".join(f" {k} ms | {k} ratio |" for k in kinds)
-    print(f"| model | D | original ms |{columns} seed ratio (NumPy, RTX) |")
+    print(f"| model | D | original ms |{columns} reference ratio (NumPy, RTX) |")
     print("|" + "---|" * (4 + 2 * len(kinds)))
     rows = []
     for name in models:
         row = bench_model(name, kinds, args, make_timer(args.device))
         rows.append(row)
         cells = "".join(f" {row[f'{k}_ms']:.1f} | {row[f'{k}_ratio']:.2f}x |" for k in kinds)
-        print(f"| {name} | {row['D']} | {row['original_ms']:.1f} |{cells} {SEED_RATIO[name]:.2f}x |", flush=True)
+        print(f"| {name} | {row['D']} | {row['original_ms']:.1f} |{cells} {REFERENCE_RATIO[name]:.2f}x |", flush=True)
     if args.count:
         print(f"\n# ATen operations per iteration ({args.iters} iterations after {args.warmup} warm-up); activation-sized: "
               f"an output of at least {ACTIVATION_SIZE} elements, views aside")

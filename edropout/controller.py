@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +60,7 @@ class EDropout:
         model: any module; its parameters' device is where the population lives.
         energy: an :class:`~edropout.energies.Energy` (default: ``IsingEnergy()``).
         population: K candidate states (at least 4).
-        p_init: probability that a unit is kept in the initial states (the seed: 0.5).
+        p_init: probability that a unit is kept in the initial states (the reference implementation: 0.5).
         mutation, crossover: the evolution's probabilities (see ``ops.evolve``).
         rule: the evolution's mutation rule, ``"edropout"`` (the EDropout paper's reference code, which keeps
             a converged population exploring; the default) or ``"classic"`` (binary differential evolution,

@@ -15,7 +15,7 @@ So units more active than their layer's average want to be kept, and keeping two
 kernels costs 2β cos(w_i, w_j) (a redundant pair ends with one of the two). The classifier's outputs, always
 kept, have no terms. Fields and couplings are refreshed every ``refresh_every`` steps, since weights move
 slowly; in between, the energy of a state does not change, so the population's energies stay valid and the
-controller runs the fused kernel (``ops.evolve_step``). Couplings are stored per layer the cheaper way: a
+energy offers the fused kernel (``ops.evolve_step``) as its ``evolve_step``. Couplings are stored per layer the cheaper way: a
 dense n×n block, or the factor √β Ŵ (n×r, r the kernel size) where r < n.
 
 Energy loss (the released research code's score): for each candidate, the mean over a (sub-)batch of

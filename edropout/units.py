@@ -1,11 +1,11 @@
 """A network's prunable units: one block per layer, in module order.
 
 Units are every ``Conv2d`` output channel (a kernel) and every ``Linear`` input feature (a hidden unit).
-The classifier's outputs are units that are always kept (the seed's "output layer must be one"): the
+The classifier's outputs are units that are always kept (the reference implementation's "output layer must be one"): the
 outputs of the last ``Linear`` when the network ends in one (an extra block), or the output channels of
 the last ``Conv2d`` when that is the classifier (SqueezeNet). With 102 classes this gives D = 3046
 (SqueezeNet 1.1), 5414 (ResNet-18), 9126 (ResNet-34), 18662 (AlexNet), 28710 (ResNet-50) and 54822
-(ResNet-101). The seed's published counts differ for four of them: for the ResNets (6208, 9920, 32448,
+(ResNet-101). The reference implementation's published counts differ for four of them: for the ResNets (6208, 9920, 32448,
 58560) it also counted the downsample branches' BatchNorm channels (896 for ResNet-18/34, 3840 for
 ResNet-50/101) and did not count the classifier's 102 outputs; those BatchNorm channels are not units of
 their own here (a downsample convolution's channels are units, and its BatchNorm goes with each). Its

@@ -25,10 +25,8 @@ from torch import nn
 from conftest import SEED
 from distributed_worker import SCENARIOS, controlled_run, network
 from edropout import EDropout, distributed
-from edropout.criteria import Magnitude, Random
-from edropout.experiments import build, loop, rundir, runs
+from edropout.experiments import rundir, runs
 from edropout.experiments import config as configs
-from edropout.experiments import report as reports
 from test_train import TINY, tiny, tiny_config  # noqa: F401  (tiny: the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import torch
 
 from edropout import models, ops
 from edropout.criteria import Magnitude, Random
-from edropout.experiments import build, loop, rundir, runs
+from edropout.experiments import build, rundir, runs
 from edropout.experiments import config as configs
 from edropout.experiments import report as reports
 from edropout.experiments.config import TrainConfig
