@@ -13,7 +13,8 @@ from . import _C  # noqa: F401  (registers the torch.ops.edropout kernels)
 from . import criteria, energies, ops, reference
 from .controller import EDropout
 from .energies import EnergyLoss, IsingEnergy
-from .slim import kept_parameters, load_slim, save_slim, slim
+from .slim import kept_parameters, slim
+from .slimfile import load_slim, save_slim
 from .units import Layer, PrunableUnits, prunable_units
 
 __all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "energies", "criteria", "ops", "reference", "prunable_units",

@@ -2,7 +2,10 @@
 
 A dropped Conv2d output channel is zeroed after the BatchNorm that consumes it (if one does) or else
 right after the convolution, for every sample, in train and eval mode: so it contributes exactly nothing,
-BatchNorm's bias included. A dropped Linear input feature is zeroed at the Linear's input. The zero costs
+BatchNorm's bias included. A dropped Linear input feature is zeroed at the Linear's input. A dropped
+attention head's columns of the output projection are zeroed (the module's forward runs with that weight),
+so the head contributes nothing and none of its weights gets a gradient; heads record no activity (their
+Ising field is 0: the couplings alone score them). The zero costs
 no pass over the activations where a layer can absorb the mask exactly:
 
 * a BatchNorm after the conv runs with its affine parameters masked, y = (γ⊙m)·x̂ + β⊙m, which is 0 for
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
+from types import SimpleNamespace
 from typing import Dict, Optional
 
 import torch
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .units import PrunableUnits
+from .units import PrunableUnits, output_projection
 
 ACTIVITY_MOMENTUM = 0.1  # of the running mean of each unit's activity (the Ising fields)
 
@@ -65,6 +69,11 @@ class UnitMasks:
                             name, target, partial(self._batchnorm, layer.start, layer.stop, target))):
                         self._handles.append(
                             target.register_forward_hook(partial(self._after, layer.start, layer.stop)))
+                elif layer.kind == "heads":
+                    if not self._absorb(layer.name, layer.module,
+                                        partial(self._heads, layer.start, layer.stop, layer.module)):
+                        raise ValueError(f"model: {layer.name}: its forward is replaced by other code, so its heads "
+                                         f"cannot be masked; exclude it")
                 elif layer.kind == "linear_in":
                     if not (type(layer.module).forward is nn.Linear.forward and self._absorb(
                             layer.name, layer.module, partial(self._linear, layer.start, layer.stop, layer.module))):
@@ -152,6 +161,29 @@ class UnitMasks:
         mask = mask if mask.dtype == linear.weight.dtype else mask.to(linear.weight.dtype)
         return F.linear(x, linear.weight * mask, linear.bias)
 
+    def _heads(self, start, stop, attention, *args, **kwargs):
+        """``attention``'s forward with its output projection's columns of the dropped heads masked (when
+        scoring candidates, part k of the batch with candidate k's heads)."""
+        forward = type(attention).forward
+        if not self.enabled:
+            return forward(attention, *args, **kwargs)
+        if self._candidates is None:
+            return forward(_Projected(attention, self._layer_mask[start]), *args, **kwargs)
+        K = self._candidates.shape[0]
+        dim = 1 if isinstance(attention, nn.MultiheadAttention) and not attention.batch_first else 0
+        split = lambda t, d: t.chunk(K, d) if isinstance(t, torch.Tensor) else [t] * K  # noqa: E731
+        parts_args = list(zip(*[split(a, dim) for a in args])) if args else [()] * K
+        parts_kwargs = [{} for _ in range(K)]
+        for key, value in kwargs.items():
+            for k, part in enumerate(split(value, 0) if key == "key_padding_mask" else [value] * K):
+                parts_kwargs[k][key] = part
+        outputs = [forward(_Projected(attention, self._candidates[k, start:stop]), *parts_args[k], **parts_kwargs[k])
+                   for k in range(K)]
+        if isinstance(outputs[0], tuple):  # (output, attention weights or None)
+            return tuple(None if o[0] is None else torch.cat(o, dim if i == 0 else 0)
+                         for i, o in enumerate(zip(*outputs)))
+        return torch.cat(outputs, dim)
+
     def _before(self, start, stop, module, args):
         x = args[0]
         if self.collect and module.training and self._candidates is None:
@@ -159,6 +191,22 @@ class UnitMasks:
         if not self.enabled:
             return None
         return (self._multiply(x, start, stop, channel_dim=x.dim() - 1),) + tuple(args[1:])
+
+
+class _Projected:
+    """An attention module seen with its output projection's weight masked per head: its class's forward
+    reads attributes only, so it runs on this view as on the module."""
+
+    def __init__(self, attention: nn.Module, heads: torch.Tensor):
+        proj = output_projection(attention)
+        columns = heads.to(proj.weight.dtype).repeat_interleave(proj.in_features // heads.numel())
+        view = SimpleNamespace(weight=proj.weight * columns, bias=proj.bias, in_features=proj.in_features,
+                               out_features=proj.out_features)
+        self.__dict__.update(_attention=attention, **{"out_proj" if isinstance(attention, nn.MultiheadAttention)
+                                                     else "proj": view})
+
+    def __getattr__(self, name):
+        return getattr(self._attention, name)
 
 
 def _batch_norm(bn: _BatchNorm, x: torch.Tensor, weight, bias) -> torch.Tensor:

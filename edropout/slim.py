@@ -18,7 +18,10 @@ input). ``model`` itself is left as it is. Dropped units are
   ResNet's stem and block outputs in the residual stream, a classifier convolution). The mask is folded
   into the parameters (the BatchNorm2d's weight and bias zeroed for that channel, or the conv's weight
   and bias when no BatchNorm follows), so the result is a plain module with no hooks: it
-  ``torch.jit.script``\\ s and traces, and :func:`save_slim` / :func:`load_slim` store it as plain data.
+  ``torch.jit.script``\\ s and traces, and :mod:`edropout.slimfile` stores it as plain data.
+
+Dropped attention heads are masked (their output projection columns zeroed), not removed: both
+``nn.MultiheadAttention`` and torchvision's Swin attention tie their heads' width to the model width.
 
 Grouped convolutions keep the same number of channels in every group: per group, only as many channels
 are removed as in the group that can lose the fewest (and at least one channel per group stays); the
@@ -46,8 +49,7 @@ only.
 from __future__ import annotations
 
 import copy
-import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -55,10 +57,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ChannelGraph, channel_graph, conv_batchnorm_pairs
-from .units import prunable_units
+from .masks import UnitMasks
+from .units import PrunableUnits, is_attention, output_projection, prunable_units
 
-__all__ = ["slim", "slim_layers", "kept_by_layer", "slim_plan", "kept_parameters", "save_slim", "load_slim", "SlimPlan",
-           "SelectLinear", "check_kept"]
+__all__ = ["slim", "slim_layers", "kept_by_layer", "slim_plan", "kept_parameters", "SlimPlan", "SelectLinear",
+           "check_kept"]
 
 
 class SelectLinear(nn.Linear):
@@ -101,8 +104,10 @@ def check_kept(model: nn.Module, kept: Mapping[str, torch.Tensor]) -> Dict[str, 
             n, what = m.out_channels, "out_channels of the Conv2d"
         elif isinstance(m, nn.Linear):
             n, what = m.in_features, "in_features of the Linear"
+        elif is_attention(m):
+            n, what = m.num_heads, "heads of the attention"
         else:
-            raise ValueError(f"kept[{name!r}]: expected a Conv2d or Linear module, got {type(m).__name__}")
+            raise ValueError(f"kept[{name!r}]: expected a Conv2d, Linear or attention module, got {type(m).__name__}")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (n,):
             got = (f"{mask.dtype} tensor of shape {list(mask.shape)}" if isinstance(mask, torch.Tensor)
                    else type(mask).__name__)
@@ -133,10 +138,12 @@ class LayerPlan:
 @dataclass
 class SlimPlan:
     """Per Conv2d / Linear name, its :class:`LayerPlan`; ``bn_remove``: BatchNorm2d channels removed;
+    ``heads``: per attention module, its dropped heads, masked (their output projection columns zeroed);
     ``pairs``: :func:`~edropout.graph.conv_batchnorm_pairs`; ``traced``: whether ``torch.fx`` could trace
     the model (else conv masks are only folded and Linear columns selected)."""
 
     layers: Dict[str, LayerPlan] = field(default_factory=dict)
+    heads: Dict[str, torch.Tensor] = field(default_factory=dict)  # attention name -> dropped heads (masked)
     bn_remove: Dict[str, torch.Tensor] = field(default_factory=dict)
     pairs: Dict[str, str] = field(default_factory=dict)
     traced: bool = True
@@ -145,7 +152,7 @@ class SlimPlan:
         """Dropped units, and how many of them are removed and masked: a conv channel is removed or
         masked; a dropped Linear input feature is removed (its column goes) unless the Linear would have
         none left."""
-        dropped = removed = 0
+        dropped, removed = sum(int(h.sum()) for h in self.heads.values()), 0
         for lp in self.layers.values():
             if lp.kind == "conv":
                 dropped += int(lp.dropped.sum())
@@ -234,7 +241,9 @@ def slim_plan(model: nn.Module, kept: Mapping[str, torch.Tensor]) -> SlimPlan:
             plan.bn_remove[bn] = _removed_at(flow, by_index)
 
     for name, m in modules.items():
-        if isinstance(m, nn.Conv2d):
+        if name in kept and is_attention(m):
+            plan.heads[name] = ~kept[name]
+        elif isinstance(m, nn.Conv2d):
             dropped = ~kept[name] if name in kept else torch.zeros(m.out_channels, dtype=torch.bool)
             remove = removable.get(name, torch.zeros(m.out_channels, dtype=torch.bool))
             lp = LayerPlan("conv", dropped, remove, dropped & ~remove)
@@ -283,6 +292,10 @@ def _remove_outputs(m: nn.Module, w: torch.Tensor, remove: torch.Tensor, size_at
 @torch.no_grad()
 def _build(slim: nn.Module, plan: SlimPlan) -> nn.Module:
     modules = dict(slim.named_modules())
+    # 0. Dropped heads contribute nothing: zero their columns of the output projection.
+    for name, dropped in plan.heads.items():
+        proj = output_projection(modules[name])
+        proj.weight[:, _index(dropped.repeat_interleave(proj.in_features // len(dropped)), proj.weight.device)] = 0
     # 1. Fold masks, in the original indices.
     for name, lp in plan.layers.items():
         m = modules[name]
@@ -365,53 +378,45 @@ def kept_by_layer(units, state: torch.Tensor) -> Dict[str, torch.Tensor]:
             if layer.kind != "classifier_out" and not layer.always_kept}
 
 
-def slim(model: nn.Module, state: torch.Tensor, units=None) -> nn.Module:
+def slim(model: nn.Module, state: torch.Tensor, units=None, check_input: Optional[torch.Tensor] = None) -> nn.Module:
     """The physically smaller copy of ``model`` with ``state`` (uint8 or bool [D] over ``units``, by default
     ``edropout.prunable_units(model)``; an EDropout controller's is ``ed.state`` over ``ed.units``) applied:
-    :func:`slim_layers` of its per-layer kept units."""
+    :func:`slim_layers` of its per-layer kept units.
+
+    ``check_input``: a batch for ``model``; the slim network's eval-mode outputs on it are compared with the
+    masked network's (a copy of ``model`` with ``state`` applied by :class:`~edropout.masks.UnitMasks`),
+    and a ValueError is raised rather than a network that differs."""
     units = prunable_units(model) if units is None else units
-    return slim_layers(model, kept_by_layer(units, state))
+    small = slim_layers(model, kept_by_layer(units, state))
+    if check_input is not None:
+        expected, got = _masked_output(model, state, units, check_input), _eval_output(small, check_input)
+        scale = float(expected.abs().max()) + 1e-12
+        difference = float((expected - got).abs().max()) if expected.shape == got.shape else float("inf")
+        if not difference <= 1e-4 * scale:
+            raise ValueError(f"slim: the slim network's outputs differ from the masked network's on check_input "
+                             f"(max |difference| {difference:.3g}, outputs up to {scale:.3g}); not returned")
+    return small
 
 
-SLIM_FORMAT = "edropout.slim/1"
-
-
-def save_slim(path, small: nn.Module, state: torch.Tensor, architecture: Mapping) -> Dict:
-    """The contents of a slim file for ``small`` (the slim model of ``state``), plain data that
-    :func:`load_slim` reads with ``weights_only=True``: the slim weights, the state and ``architecture``
-    (``{"model", "in_channels", "num_classes"}`` of ``edropout.models.build``). Written to ``path`` unless
-    it is None."""
-    contents = {"format": SLIM_FORMAT, "architecture": dict(architecture),
-                "state": state.detach().cpu().to(torch.uint8), "state_dict": small.state_dict()}
-    if path is not None:
-        torch.save(contents, path)
-    return contents
-
-
-def load_slim(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn.Module:
-    """The slimmed network of a slim file (``edropout export``'s slim.pt), in eval mode. The file is read
-    with ``torch.load(..., weights_only=True)``: it holds weights and numbers, never code. The network is
-    rebuilt by slimming ``model`` (a network of the unslimmed architecture, e.g. a fresh instance of your
-    own class) with the file's state, or, when ``model`` is None, the ``edropout.models`` network that
-    the file names; then the slim weights are loaded into it."""
+def _eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
     try:
-        contents = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path}: not a slim file of edropout (it holds objects other than plain data)") from None
-    if not isinstance(contents, dict) or contents.get("format") != SLIM_FORMAT:
-        raise ValueError(f"{path}: not a slim file of edropout (expected format {SLIM_FORMAT!r})")
-    if model is None:
-        from . import models
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was_training)
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
-        arch = contents["architecture"]
-        model = models.build(arch["model"], arch["in_channels"], arch["num_classes"])
-    units = prunable_units(model)
-    if contents["state"].numel() != units.num_units:
-        raise ValueError(f"model: a network of {units.num_units} prunable units; {path} holds a state of "
-                         f"{contents['state'].numel()}")
-    small = slim(model.to(map_location), contents["state"], units)
-    small.load_state_dict(contents["state_dict"])
-    return small.eval()
+
+def _masked_output(model: nn.Module, state: torch.Tensor, units, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s eval-mode output on ``x`` with ``state`` applied, on a copy without any other masks."""
+    copy_ = _copy_without_hooks(model)
+    modules = dict(copy_.named_modules())
+    copy_units = PrunableUnits([replace(layer, module=modules[layer.name]) for layer in units])
+    masks = UnitMasks(copy_, copy_units, conv_batchnorm_pairs(copy_))
+    masks.mask.copy_(state.to(masks.mask))
+    return _eval_output(copy_, x)
 
 
 def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[float, int]:
@@ -429,11 +434,14 @@ def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[
         module = modules[name]  # the slim layer: a masked channel's kernel has the slim input width
         if lp.kind == "conv" and lp.mask.any():
             per_channel = module.weight[0].numel() + (1 if module.bias is not None else 0)
-            bn = modules.get(plan.pairs.get(name, ""))
+            bn = modules[plan.pairs[name]] if name in plan.pairs else None
             per_channel += 2 if bn is not None and bn.affine else 0
             count -= int(lp.mask.sum()) * per_channel
         elif lp.kind == "linear" and lp.zero_columns is not None:
             count -= int(lp.zero_columns.sum()) * module.out_features
+    for name, dropped in plan.heads.items():  # a dropped head's zeroed output projection columns
+        count -= int(dropped.sum()) * output_projection(modules[name]).weight[:, 0].numel() \
+            * (output_projection(modules[name]).in_features // len(dropped))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return 100.0 * count / total, count
 

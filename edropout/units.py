@@ -1,6 +1,12 @@
 """A network's prunable units: one block per layer, in module order.
 
-Units are every ``Conv2d`` output channel (a kernel) and every ``Linear`` input feature (a hidden unit).
+Units are every ``Conv2d`` output channel (a kernel), every ``Linear`` input feature (a hidden unit; a
+transformer's MLP hidden units are its second Linear's inputs) and every attention head of an
+``nn.MultiheadAttention`` or of torchvision's Swin attention (a head's units are its slice of the output
+projection's inputs; the layers inside an attention module are its heads, not units of their own). A layer
+whose weight the network reads directly, not through the layer's own forward (torchvision's Swin attention
+passes ``qkv.weight`` to a function), could not be masked by its forward: when the network traces
+(``torch.fx``), such layers are left out.
 The classifier's outputs are units that are always kept (the reference implementation's "output layer must be one"): the
 outputs of the last ``Linear`` when the network ends in one (an extra block), or the output channels of
 the last ``Conv2d`` when that is the classifier (SqueezeNet). With 102 classes this gives D = 3046
@@ -28,7 +34,7 @@ class Layer:
     """One block of units: the units of one module."""
 
     name: str  # the module's name in the model
-    kind: str  # "conv_out", "linear_in" or "classifier_out" (the final Linear's outputs)
+    kind: str  # "conv_out", "linear_in", "heads" (an attention module's) or "classifier_out" (the final Linear's outputs)
     size: int  # number of units
     start: int  # index of the first unit in the state vector
     always_kept: bool
@@ -44,6 +50,9 @@ class Layer:
             return self.module.weight.detach().flatten(1)
         if self.kind == "linear_in":
             return self.module.weight.detach().t()
+        if self.kind == "heads":  # each head's columns of the output projection, flattened
+            w = output_projection(self.module).weight.detach()
+            return w.view(w.shape[0], self.size, -1).transpose(0, 1).flatten(1)
         raise ValueError(f"{self.name}: the classifier's outputs have no kernels of their own")
 
 
@@ -99,16 +108,23 @@ def prunable_units(model: nn.Module, exclude: Iterable[Union[str, nn.Module]] = 
                 raise ValueError(f"exclude: no module named {item!r} in the model")
             excluded.add(item)
 
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if not found:
+    attention = {n: m for n, m in model.named_modules() if is_attention(m)}
+    inside = {n for a in attention for n, _ in model.get_submodule(a).named_modules(prefix=a) if n != a}
+    read_directly = _read_directly(model)
+    found = [(n, m) for n, m in model.named_modules()
+             if (isinstance(m, (nn.Conv2d, nn.Linear)) and n not in inside and n not in read_directly)
+             or n in attention]
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in found):
         raise ValueError("model has no Conv2d or Linear layer: it has no prunable units")
-    last_name, last = found[-1]
+    last_name, last = [(n, m) for n, m in found if isinstance(m, (nn.Conv2d, nn.Linear))][-1]
     layers: List[Layer] = []
     start = 0
     for name, module in found:
         if name in excluded:
             continue
-        if isinstance(module, nn.Conv2d):
+        if name in attention:
+            layers.append(Layer(name, "heads", module.num_heads, start, False, module))
+        elif isinstance(module, nn.Conv2d):
             layers.append(Layer(name, "conv_out", module.out_channels, start, module is last, module))
         else:
             layers.append(Layer(name, "linear_in", module.in_features, start, False, module))
@@ -116,3 +132,32 @@ def prunable_units(model: nn.Module, exclude: Iterable[Union[str, nn.Module]] = 
     if isinstance(last, nn.Linear):
         layers.append(Layer(last_name, "classifier_out", last.out_features, start, True, last))
     return PrunableUnits(layers)
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention module whose heads are units: ``nn.MultiheadAttention`` (one
+    projection of q, k and v) and torchvision's Swin attention (v1 and v2)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module._qkv_same_embed_dim and module.out_proj.in_features % module.num_heads == 0
+    return type(module).__name__ in SWIN_ATTENTION and type(module).__module__ == "torchvision.models.swin_transformer"
+
+
+SWIN_ATTENTION = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+
+
+def output_projection(attention: nn.Module) -> nn.Linear:
+    """The Linear that maps an attention module's concatenated heads to its output."""
+    return attention.out_proj if isinstance(attention, nn.MultiheadAttention) else attention.proj
+
+
+def _read_directly(model: nn.Module) -> set:
+    """Names of the Conv2d and Linear layers whose weight the traced network reads as a tensor (not through
+    the layer's forward); empty when the network does not trace."""
+    from .graph import trace
+
+    gm = trace(model)
+    if gm is None:
+        return set()
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {n.target.rsplit(".", 1)[0] for n in gm.graph.nodes
+            if n.op == "get_attr" and "." in n.target and n.target.rsplit(".", 1)[0] in layers}

@@ -16,7 +16,8 @@ from torch import nn
 
 from edropout.graph import channel_graph, conv_batchnorm_pairs
 from edropout import prunable_units
-from edropout.slim import SelectLinear, kept_by_layer, load_slim, save_slim, slim_layers, slim_plan
+from edropout.slim import SelectLinear, kept_by_layer, slim_layers, slim_plan
+from edropout.slimfile import load_slim, save_slim
 
 RTOL = 1e-5
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "alexnet", "squeezenet1_1"]
@@ -447,7 +448,7 @@ def test_untraceable_model_is_masked(gen):
 
 @pytest.mark.parametrize("key, value, match", [
     ("nope", torch.ones(3, dtype=torch.bool), "kept\\['nope'\\]: the model has no module"),
-    ("bn1", torch.ones(16, dtype=torch.bool), "kept\\['bn1'\\]: expected a Conv2d or Linear.*BatchNorm2d"),
+    ("bn1", torch.ones(16, dtype=torch.bool), "kept\\['bn1'\\]: expected a Conv2d, Linear or attention module.*BatchNorm2d"),
     ("conv1", torch.ones(15, dtype=torch.bool), "kept\\['conv1'\\]: expected a torch.bool tensor of shape \\[16\\]"),
     ("conv1", torch.ones(16), "kept\\['conv1'\\]: .*got torch.float32"),
     ("fc1", torch.ones(64, dtype=torch.uint8), "kept\\['fc1'\\]: expected a torch.bool tensor of shape \\[64\\] "

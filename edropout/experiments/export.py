@@ -8,20 +8,23 @@ from typing import Dict
 import torch
 
 from .. import models
-from ..slim import save_slim, slim
+from ..slim import slim
+from ..slimfile import save_slim
 from ..units import prunable_units
 from .build import open_run
 from .rundir import atomic_write_bytes
 
 
 def export(run_dir, device="cpu") -> Dict[str, Path]:
-    """slim.pt (the slimmed network of best.pt as plain data: its weights, the state and the architecture;
+    """slim.pt (the slimmed network of best.pt, checked against the masked one on a random batch, as plain data: its weights, the state and the architecture;
     ``edropout.load_slim(path)`` rebuilds it, reading with ``weights_only=True``) and slim.ts (TorchScript:
     scripted, or traced where scripting fails; ``torch.jit.load``)."""
     run_dir = Path(run_dir)
     config, checkpoint, model, ed = open_run(run_dir, device)
     meta = checkpoint["meta"]
-    small = (slim(model, ed.state, ed.units) if ed is not None else model).eval()
+    size = models.INPUT_SIZE[config.model]
+    example = torch.randn(2, meta["in_channels"], size, size, device=device)
+    small = (slim(model, ed.state, ed.units, check_input=example) if ed is not None else model).eval()
     state = ed.state if ed is not None else torch.ones(prunable_units(model).num_units, dtype=torch.uint8)
     architecture = {"model": config.model, "in_channels": meta["in_channels"], "num_classes": meta["num_classes"]}
     contents = save_slim(None, small, state, architecture)
@@ -29,7 +32,6 @@ def export(run_dir, device="cpu") -> Dict[str, Path]:
     try:
         scripted = torch.jit.script(small)
     except Exception:
-        size = models.INPUT_SIZE[config.model]
-        scripted = torch.jit.trace(small, torch.zeros(1, meta["in_channels"], size, size, device=device))
+        scripted = torch.jit.trace(small, example[:1])
     atomic_write_bytes(run_dir / "slim.ts", lambda f: torch.jit.save(scripted, f))
     return {"slim.pt": run_dir / "slim.pt", "slim.ts": run_dir / "slim.ts"}
