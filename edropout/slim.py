@@ -20,8 +20,9 @@ input). ``model`` itself is left as it is. Dropped units are
   and bias when no BatchNorm follows), so the result is a plain module with no hooks: it
   ``torch.jit.script``\\ s and traces, and :mod:`edropout.slimfile` stores it as plain data.
 
-Dropped attention heads are masked (their output projection columns zeroed), not removed: both
-``nn.MultiheadAttention`` and torchvision's Swin attention tie their heads' width to the model width.
+Dropped attention heads of an ``nn.MultiheadAttention`` are removed (a :class:`~edropout.heads.
+SlimMultiheadAttention` of the kept heads); those of torchvision's Swin attention, whose function ties the
+heads' width to the model width, are masked (their output projection columns zeroed).
 
 Grouped convolutions keep the same number of channels in every group: per group, only as many channels
 are removed as in the group that can lose the fewest (and at least one channel per group stays); the
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ChannelGraph, channel_graph, conv_batchnorm_pairs
+from .heads import SlimMultiheadAttention, removable_heads
 from .masks import UnitMasks
 from .units import PrunableUnits, is_attention, output_projection, prunable_units
 
@@ -292,8 +294,11 @@ def _remove_outputs(m: nn.Module, w: torch.Tensor, remove: torch.Tensor, size_at
 @torch.no_grad()
 def _build(slim: nn.Module, plan: SlimPlan) -> nn.Module:
     modules = dict(slim.named_modules())
-    # 0. Dropped heads contribute nothing: zero their columns of the output projection.
+    # 0. Dropped heads: removed where the attention allows it, else their output projection columns zeroed.
     for name, dropped in plan.heads.items():
+        if removable_heads(modules[name]) and not dropped.all():
+            _set_module(slim, name, SlimMultiheadAttention(modules[name], ~dropped))
+            continue
         proj = output_projection(modules[name])
         proj.weight[:, _index(dropped.repeat_interleave(proj.in_features // len(dropped)), proj.weight.device)] = 0
     # 1. Fold masks, in the original indices.
@@ -440,8 +445,9 @@ def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[
         elif lp.kind == "linear" and lp.zero_columns is not None:
             count -= int(lp.zero_columns.sum()) * module.out_features
     for name, dropped in plan.heads.items():  # a dropped head's zeroed output projection columns
-        count -= int(dropped.sum()) * output_projection(modules[name]).weight[:, 0].numel() \
-            * (output_projection(modules[name]).in_features // len(dropped))
+        if not isinstance(modules[name], SlimMultiheadAttention):
+            proj = output_projection(modules[name])
+            count -= int(dropped.sum()) * proj.out_features * (proj.in_features // len(dropped))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return 100.0 * count / total, count
 

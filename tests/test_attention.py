@@ -12,6 +12,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 
 import edropout
 from edropout import EDropout
+from edropout.heads import SlimMultiheadAttention
 
 
 class Transformer(nn.Module):
@@ -134,15 +135,53 @@ def test_candidates_in_one_batched_forward_equal_their_own_forwards(kind, gen):
 
 
 @pytest.mark.parametrize("kind", NETWORKS)
-def test_slim_masks_the_dropped_heads(kind, gen):
+def test_slim_removes_or_masks_the_dropped_heads(kind, gen):
     model, x = _network(kind, gen)
     ed = EDropout(model)
     state = _state_dropping(ed, [1, 3], gen)
     small = edropout.slim(model, state, ed.units, check_input=x)  # raises unless outputs are equal
-    projection = small.attention.out_proj if kind.startswith("mha") else small.attention.proj
-    assert projection.weight.view(-1, 4, 4)[:, [1, 3]].abs().max() == 0
     percent, kept = edropout.kept_parameters(model, state, ed.units)
-    assert kept <= sum(p.numel() for p in small.parameters()) - 2 * 4 * projection.out_features
+    if kind.startswith("mha"):  # removed: the q, k, v rows and output columns of two heads of four
+        assert isinstance(small.attention, SlimMultiheadAttention) and small.attention.num_heads == 2
+        assert small.attention.in_proj_weight.shape == (3 * 2 * 4, 16) and small.attention.out_proj.in_features == 8
+        assert kept == sum(p.numel() for p in small.parameters()) - _zeroed_elsewhere(small)
+    else:  # masked: their output projection columns zeroed
+        projection = small.attention.proj
+        assert projection.weight.view(-1, 4, 4)[:, [1, 3]].abs().max() == 0
+        assert kept <= sum(p.numel() for p in small.parameters()) - 2 * 4 * projection.out_features
+
+
+def _zeroed_elsewhere(small):
+    """Parameters slimming zeroed to mask units it could not remove, outside the attention."""
+    zero_columns = (small.embed.weight == 0).all(dim=0).sum() * small.embed.out_features
+    return int(zero_columns)
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_slim_multihead_attention_equals_the_masked_one(batch_first, gen):
+    attention = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    kept = torch.tensor([True, False, True, True])
+    masked = copy.deepcopy(attention)
+    with torch.no_grad():
+        masked.out_proj.weight.mul_(kept.float().repeat_interleave(4))
+    slim = SlimMultiheadAttention(attention, kept).eval()
+    shape = (6, 3, 16) if batch_first else (3, 6, 16)  # 6 = batch
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    padding = torch.rand(6, 3, generator=gen) < 0.3
+    padding[:, 0] = False
+    causal = torch.ones(3, 3, dtype=torch.bool).triu(1)
+    per_head = torch.randn(6 * 4, 3, 3, generator=gen)
+    for kwargs in ({}, {"key_padding_mask": padding}, {"attn_mask": causal}, {"attn_mask": per_head},
+                   {"attn_mask": causal.float() * -1e4, "key_padding_mask": padding}, {"need_weights": False}):
+        expected, _ = masked(q, k, v, **kwargs)
+        got, _ = slim(q, k, v, **kwargs)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    one = (q[0] if batch_first else q[:, 0])  # unbatched: [L, E]
+    torch.testing.assert_close(slim(one, one, one)[0], masked(one, one, one)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_slim_refuses_a_network_that_differs(gen, monkeypatch):
