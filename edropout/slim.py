@@ -20,9 +20,9 @@ input). ``model`` itself is left as it is. Dropped units are
   and bias when no BatchNorm follows), so the result is a plain module with no hooks: it
   ``torch.jit.script``\\ s and traces, and :mod:`edropout.slimfile` stores it as plain data.
 
-Dropped attention heads of an ``nn.MultiheadAttention`` are removed (a :class:`~edropout.heads.
-SlimMultiheadAttention` of the kept heads); those of torchvision's Swin attention, whose function ties the
-heads' width to the model width, are masked (their output projection columns zeroed).
+Dropped attention heads are removed (:mod:`edropout.heads`: an attention module of the kept heads); an
+``nn.MultiheadAttention`` with bias_k, bias_v or add_zero_attn keeps them, masked (their output projection
+columns zeroed), and so does an attention whose every head is dropped.
 
 Grouped convolutions keep the same number of channels in every group: per group, only as many channels
 are removed as in the group that can lose the fewest (and at least one channel per group stays); the
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ChannelGraph, channel_graph, conv_batchnorm_pairs
-from .heads import SlimMultiheadAttention, removable_heads
+from .heads import SlimMultiheadAttention, SlimWindowAttention, removable_heads, slim_attention
 from .masks import UnitMasks
 from .units import PrunableUnits, is_attention, output_projection, prunable_units
 
@@ -297,7 +297,7 @@ def _build(slim: nn.Module, plan: SlimPlan) -> nn.Module:
     # 0. Dropped heads: removed where the attention allows it, else their output projection columns zeroed.
     for name, dropped in plan.heads.items():
         if removable_heads(modules[name]) and not dropped.all():
-            _set_module(slim, name, SlimMultiheadAttention(modules[name], ~dropped))
+            _set_module(slim, name, slim_attention(modules[name], ~dropped))
             continue
         proj = output_projection(modules[name])
         proj.weight[:, _index(dropped.repeat_interleave(proj.in_features // len(dropped)), proj.weight.device)] = 0
@@ -436,6 +436,8 @@ def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[
     count = sum(p.numel() for p in small.parameters() if p.requires_grad)
     modules = dict(small.named_modules())
     for name, lp in plan.layers.items():
+        if name not in modules:  # inside an attention module whose heads were removed: nothing masked
+            continue
         module = modules[name]  # the slim layer: a masked channel's kernel has the slim input width
         if lp.kind == "conv" and lp.mask.any():
             per_channel = module.weight[0].numel() + (1 if module.bias is not None else 0)
@@ -445,7 +447,7 @@ def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[
         elif lp.kind == "linear" and lp.zero_columns is not None:
             count -= int(lp.zero_columns.sum()) * module.out_features
     for name, dropped in plan.heads.items():  # a dropped head's zeroed output projection columns
-        if not isinstance(modules[name], SlimMultiheadAttention):
+        if not isinstance(modules[name], (SlimMultiheadAttention, SlimWindowAttention)):
             proj = output_projection(modules[name])
             count -= int(dropped.sum()) * proj.out_features * (proj.in_features // len(dropped))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
