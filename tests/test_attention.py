@@ -198,3 +198,16 @@ def test_slim_refuses_a_network_that_differs(gen, monkeypatch):
     monkeypatch.setattr(slim_module, "_build", broken)
     with pytest.raises(ValueError, match="^slim: the slim network's outputs differ from the masked network's"):
         edropout.slim(model, state, ed.units, check_input=x)
+
+
+@pytest.mark.parametrize("kind", NETWORKS)
+def test_a_slim_file_with_removed_heads_loads_into_a_fresh_network(kind, gen, tmp_path):
+    model, x = _network(kind, gen)
+    ed = EDropout(model)
+    state = _state_dropping(ed, [0, 2], gen)
+    small = edropout.slim(model, state, ed.units).eval()
+    edropout.save_slim(tmp_path / "slim.pt", small, state, {"model": kind})
+    fresh, _ = _network(kind, gen)  # the same architecture, other weights
+    again = edropout.load_slim(tmp_path / "slim.pt", model=fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small(x))
