@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Dict, Iterable, Optional, Union
 
 import torch
@@ -137,6 +138,8 @@ class EDropout:
         energy needs it (the energy loss). Does nothing once the state is frozen."""
         if self.frozen:
             return
+        if self.steps == 0:
+            self._warn_unmasked()
         batch = None if inputs is None else (inputs, targets)
         if self.energy.depends_on_batch and (inputs is None or targets is None):
             raise ValueError("step: this energy scores states on the batch; call step(inputs, targets)")
@@ -336,6 +339,16 @@ class EDropout:
             ("population's energies", self.energies.float().view(torch.int32).long()),
             ("applied state", (self.masks.mask.long() * w).sum().view(1)),
         ], self.steps)
+
+    def _warn_unmasked(self) -> None:
+        """After the first training forward: a warning naming the layers whose masks did not run (their
+        units would be "dropped" without effect; exclude them)."""
+        missing = self.masks.not_run()
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            warnings.warn(f"EDropout: the masks of {shown} did not run in the forward before the first step: the "
+                          f"network does not call those layers through their own forward, so dropping their "
+                          f"units has no effect; pass exclude=[...] to leave them out", stacklevel=3)
 
     def _candidate_logits(self, states: Tensor, inputs: Tensor) -> Tensor:
         """The network's logits [M, B, classes] for ``inputs`` [B, ...] with each of the M ``states``

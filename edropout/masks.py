@@ -59,6 +59,7 @@ class UnitMasks:
         self._candidates: Optional[torch.Tensor] = None
         self._handles = []
         self._absorbing = []  # modules whose forward is replaced by one that absorbs the mask
+        self.ran: Optional[set] = set()  # first units of the layers whose masking ran, until stop_watching()
         modules = dict(model.named_modules())
         try:
             for layer in units:
@@ -96,6 +97,12 @@ class UnitMasks:
         self._absorbing.append(module)
         return True
 
+    def not_run(self) -> list:
+        """The layers whose masking has not run since the masks were made (and stop watching): layers the
+        network does not call through their own forward, whose units a state would not drop."""
+        ran, self.ran = self.ran or set(), None
+        return [layer.name for layer in self.units if layer.start not in ran and layer.kind != "classifier_out"]
+
     def remove(self) -> None:
         """Remove the hooks and the replaced forwards: the model runs as if every unit were kept."""
         for handle in self._handles:
@@ -130,6 +137,8 @@ class UnitMasks:
         self.activity[start:stop].lerp_(values.to(self.activity.dtype), ACTIVITY_MOMENTUM)
 
     def _after(self, start, stop, module, inputs, output):
+        if self.ran is not None:
+            self.ran.add(start)
         if self.collect and module.training and self._candidates is None:
             self._record(start, stop, _mean_abs(output.detach(), channel_dim=1))
         if not self.enabled:
@@ -138,6 +147,8 @@ class UnitMasks:
 
     def _batchnorm(self, start, stop, bn, x):
         """``bn``'s forward, its affine parameters masked (the activation multiplied when scoring candidates)."""
+        if self.ran is not None:
+            self.ran.add(start)
         if not self.enabled or self._candidates is not None:
             return self._after(start, stop, bn, (x,), _BatchNorm.forward(bn, x))
         mask = self._layer_mask[start]
@@ -152,6 +163,8 @@ class UnitMasks:
 
     def _linear(self, start, stop, linear, x):
         """``linear``'s forward, the mask in its weight's columns where the weight is the smaller."""
+        if self.ran is not None:
+            self.ran.add(start)
         if not self.enabled or self._candidates is not None or linear.weight.numel() > x.numel():
             (x,) = self._before(start, stop, linear, (x,)) or (x,)
             return F.linear(x, linear.weight, linear.bias)
@@ -164,6 +177,8 @@ class UnitMasks:
     def _heads(self, start, stop, attention, *args, **kwargs):
         """``attention``'s forward with its output projection's columns of the dropped heads masked (when
         scoring candidates, part k of the batch with candidate k's heads)."""
+        if self.ran is not None:
+            self.ran.add(start)
         forward = type(attention).forward
         if not self.enabled:
             return forward(attention, *args, **kwargs)
@@ -185,6 +200,8 @@ class UnitMasks:
         return torch.cat(outputs, dim)
 
     def _before(self, start, stop, module, args):
+        if self.ran is not None:
+            self.ran.add(start)
         x = args[0]
         if self.collect and module.training and self._candidates is None:
             self._record(start, stop, _mean_abs(x.detach(), channel_dim=x.dim() - 1))

@@ -1,5 +1,6 @@
 import collections
 import copy
+import warnings
 
 import pytest
 import torch
@@ -513,3 +514,30 @@ def test_a_second_edropout_on_a_masked_network_is_refused_and_batchnorm_without_
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     ed.masks.remove()
     assert EDropout(model).masks._absorbing == [model[1], model[4]]
+
+
+class _ReadsAWeight(nn.Module):
+    """Reads ``a.weight`` directly, behind data-dependent control flow that torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > float("-inf"):
+            x = F.linear(x, self.a.weight, self.a.bias)
+        return self.b(x)
+
+
+def test_layers_whose_masks_never_run_are_named_at_the_first_step(gen):
+    model = _ReadsAWeight()
+    ed = EDropout(model)
+    model(torch.randn(2, 4, generator=gen))
+    with pytest.warns(UserWarning, match=r"^EDropout: the masks of a did not run .* pass exclude=\[\.\.\.\]"):
+        ed.step()
+    model = _ReadsAWeight()
+    ed = EDropout(model, exclude=["a"])
+    model(torch.randn(2, 4, generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ed.step()
