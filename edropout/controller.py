@@ -221,11 +221,11 @@ class EDropout:
 
     def full(self):
         """A context within which the model runs with every unit (EDropout(F))."""
-        return self._masking(False)
+        return self._masks_set(enabled=False)
 
     def pruned(self):
         """A context within which the model runs with the applied (best or frozen) state (EDropout(P))."""
-        return self._masking(True)
+        return self._masks_set(enabled=True)
 
     @contextlib.contextmanager
     def applying(self, state: Tensor):
@@ -239,27 +239,26 @@ class EDropout:
         finally:
             self.masks.mask.copy_(previous)
 
-    @contextlib.contextmanager
     def no_activity(self):
         """A context within which forwards record no activity of the units (forwards that are not
         training: re-estimating BatchNorm statistics, say)."""
-        previous, self.masks.collect = self.masks.collect, False
-        try:
-            yield self.model
-        finally:
-            self.masks.collect = previous
+        return self._masks_set(collect=False)
 
     def remove(self) -> None:
         """Take the masks off the network: it runs as if EDropout had never been attached."""
         self.masks.remove()
 
     @contextlib.contextmanager
-    def _masking(self, enabled: bool):
-        previous, self.masks.enabled = self.masks.enabled, enabled
+    def _masks_set(self, **values):
+        """Within the context, the masks' attributes ``values`` (``enabled``, ``collect``) as given."""
+        previous = {name: getattr(self.masks, name) for name in values}
+        for name, value in values.items():
+            setattr(self.masks, name, value)
         try:
             yield self.model
         finally:
-            self.masks.enabled = previous
+            for name, value in previous.items():
+                setattr(self.masks, name, value)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .units import PrunableUnits, output_projection
+from .units import PrunableUnits, output_projection, output_projection_name
 
 ACTIVITY_MOMENTUM = 0.1  # of the running mean of each unit's activity (the Ising fields)
 
@@ -59,7 +59,7 @@ class UnitMasks:
         self._candidates: Optional[torch.Tensor] = None
         self._handles = []
         self._absorbing = []  # modules whose forward is replaced by one that absorbs the mask
-        self.ran: Optional[set] = set()  # first units of the layers whose masking ran, until stop_watching()
+        self.ran: Optional[set] = set()  # first units of the layers whose masking ran, until not_run()
         modules = dict(model.named_modules())
         try:
             for layer in units:
@@ -219,8 +219,7 @@ class _Projected:
         columns = heads.to(proj.weight.dtype).repeat_interleave(proj.in_features // heads.numel())
         view = SimpleNamespace(weight=proj.weight * columns, bias=proj.bias, in_features=proj.in_features,
                                out_features=proj.out_features)
-        self.__dict__.update(_attention=attention, **{"out_proj" if isinstance(attention, nn.MultiheadAttention)
-                                                     else "proj": view})
+        self.__dict__.update(_attention=attention, **{output_projection_name(attention): view})
 
     def __getattr__(self, name):
         return getattr(self._attention, name)

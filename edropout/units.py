@@ -145,9 +145,13 @@ def is_attention(module: nn.Module) -> bool:
 SWIN_ATTENTION = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
 
 
+def output_projection_name(attention: nn.Module) -> str:
+    """The name of the Linear that maps an attention module's concatenated heads to its output."""
+    return "out_proj" if isinstance(attention, nn.MultiheadAttention) else "proj"
+
+
 def output_projection(attention: nn.Module) -> nn.Linear:
-    """The Linear that maps an attention module's concatenated heads to its output."""
-    return attention.out_proj if isinstance(attention, nn.MultiheadAttention) else attention.proj
+    return getattr(attention, output_projection_name(attention))
 
 
 def _read_directly(model: nn.Module) -> set:

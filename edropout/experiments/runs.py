@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -126,13 +126,12 @@ def run_plan(config: TrainConfig, resume: Optional[Path], quiet: bool, device: t
         if run is config:
             train_loop(config, run_dir, splits, device, quiet)
             continue
-        sibling_dir = Path(run.run_dir)
-        if (sibling_dir / "report.json").is_file():  # finished
+        continuing = _continuing(run)
+        if continuing is None:
             continue
-        if (sibling_dir / "config.json").is_file():
-            run = _stored(read_config(sibling_dir), config)
-        else:
-            check_config(run)
+        run, started = continuing
+        sibling_dir = Path(run.run_dir)
+        if not started:
             on_rank0(lambda: str(create_run_dir(run)))
         if not quiet and rank0:
             print(summary_line(run, sibling_dir))
@@ -173,16 +172,25 @@ def _stored(stored: TrainConfig, given: Optional[TrainConfig], device: Optional[
     return stored
 
 
+def _continuing(run: TrainConfig) -> Optional[Tuple[TrainConfig, bool]]:
+    """How ``run`` (its run_dir set) goes on: None when finished (its report is the last thing a run
+    writes); else its checked config (the stored one, with ``run``'s device and timeout, when it was
+    started) and whether it was started."""
+    run_dir = Path(run.run_dir)
+    if (run_dir / "report.json").is_file():
+        return None
+    started = (run_dir / "config.json").is_file()
+    if started:
+        run = _stored(read_config(run_dir), run)
+    check_config(run)
+    return run, started
+
+
 def _train_seeds(config: TrainConfig, parent: Path, runs: int, quiet: bool, device: torch.device) -> None:
     for s in range(config.seed, config.seed + runs):
-        run = replace(config, seed=s, run_dir=str(parent / f"seed-{s}"))
-        run_dir = Path(run.run_dir)
-        if (run_dir / "report.json").is_file():  # finished
-            continue
-        started = (run_dir / "config.json").is_file()
-        if started:
-            run = _stored(read_config(run_dir), run)
-        check_config(run)
-        run_plan(run, run_dir if started else None, quiet, device)
+        continuing = _continuing(replace(config, seed=s, run_dir=str(parent / f"seed-{s}")))
+        if continuing is not None:
+            run, started = continuing
+            run_plan(run, Path(run.run_dir) if started else None, quiet, device)
     if distributed.rank() == 0:
         aggregate(parent, quiet=quiet)
