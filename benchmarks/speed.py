@@ -15,7 +15,9 @@ each on its own copy of the network, same batch, device and dtype, synthetic inp
 
 timed in turn (original, ising, loss, numpy, original, ...) after warm-up, each timed iteration after
 --settle untimed ones of the same variant; each variant's ratio is the median over rounds of its time
-over the original's time in the same round.
+over the original's time in the same round. The Ising energy's refresh (fields and couplings, then the
+population re-scored) comes once every `refresh_every` steps, so the median leaves it out: it is timed on
+its own and spread over its period in "ising ratio with refresh" (ratio + refresh / (period × original)).
 
     python benchmarks/speed.py [--device cpu|cuda] [--models resnet18] [--batch-size 32] [--iters 20]
                                [--energy ising,loss,numpy] [--json out.json] [--quick] [--profile DIR]
@@ -119,7 +121,7 @@ def bench_model(name, kinds, args, time_it):
     base = build(name, 3, 102).to(args.device)
     x = torch.randn(args.batch_size, 3, size, size, device=args.device)
     y = torch.randint(0, 102, (args.batch_size,), device=args.device)
-    runs = {}
+    runs, refreshes = {}, {}
     for kind in ("original",) + kinds:
         model = copy.deepcopy(base).train()
         optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.9, eps=1e-6, weight_decay=1e-5)
@@ -135,6 +137,9 @@ def bench_model(name, kinds, args, time_it):
                 controller.step(x, y)
 
         runs[kind] = iteration
+        if kind == "ising":
+            refreshes[kind] = (controller.energy.refresh_every, lambda ed=controller: (
+                ed.energy.refresh(ed.masks.activity), ed.energy(ed.population, None)))
     for fn in runs.values():  # warm-up, and the first step's scoring
         for _ in range(args.warmup):
             fn()
@@ -153,6 +158,10 @@ def bench_model(name, kinds, args, time_it):
     for kind in kinds:
         row[f"{kind}_ms"] = 1e3 * statistics.median(times[kind])
         row[f"{kind}_ratio"] = statistics.median(t / o for t, o in zip(times[kind], times["original"]))
+    for kind, (period, refresh) in refreshes.items():  # every `period` steps: the median above leaves it out
+        row[f"{kind}_refresh_ms"] = 1e3 * statistics.median(time_it(refresh) for _ in range(3))
+        row[f"{kind}_refresh_every"] = period
+        row[f"{kind}_ratio_with_refresh"] = row[f"{kind}_ratio"] + row[f"{kind}_refresh_ms"] / (period * row["original_ms"])
     return row
 
 
@@ -259,14 +268,19 @@ def main(argv=None):
     print(f"# batch {args.batch_size}, 102 classes, K = 8, Adadelta{', torch.compile' if args.compile else ''}; "
           f"{args.iters} rounds of the variants in turn "
           f"after {args.warmup} warm-up iterations, each timed iteration after {args.settle} untimed; median ratios")
+    refresh = "ising" in kinds
     columns = "".join(f" {k} ms | {k} ratio |" for k in kinds)
+    columns += " ising refresh ms | ising ratio with refresh |" if refresh else ""
     print(f"| model | D | original ms |{columns} reference ratio (NumPy, RTX) |")
-    print("|" + "---|" * (4 + 2 * len(kinds)))
+    print("|" + "---|" * (4 + 2 * len(kinds) + 2 * refresh))
     rows = []
     for name in models:
         row = bench_model(name, kinds, args, make_timer(args.device))
         rows.append(row)
         cells = "".join(f" {row[f'{k}_ms']:.1f} | {row[f'{k}_ratio']:.2f}x |" for k in kinds)
+        if refresh:
+            cells += (f" {row['ising_refresh_ms']:.1f} (every {row['ising_refresh_every']}) | "
+                      f"{row['ising_ratio_with_refresh']:.2f}x |")
         print(f"| {name} | {row['D']} | {row['original_ms']:.1f} |{cells} {REFERENCE_RATIO[name]:.2f}x |", flush=True)
     if args.count:
         print(f"\n# ATen operations per iteration ({args.iters} iterations after {args.warmup} warm-up); activation-sized: "
