@@ -118,7 +118,7 @@ class WeightedSum(Energy):
 class IsingEnergy(Energy):
     """The Ising energy of the module docstring, evaluated by ``ops.ising_energy``."""
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, refresh_every: int = 100):
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, refresh_every: int = 10):
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be a positive number of steps, got {refresh_every}")
         self.alpha, self.beta, self.refresh_every = float(alpha), float(beta), int(refresh_every)

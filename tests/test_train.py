@@ -711,9 +711,9 @@ def test_dropout_phase_candidates_read_validation_only(tmp_path, tiny, monkeypat
 @pytest.mark.slow
 @pytest.mark.parametrize("applied", ["best", "sample"])
 def test_digits_run_explores_then_freezes_by_the_deadline(tmp_path, applied):
-    """The default schedule on digits, 8 epochs: the population stays diverse until the deadline (epoch 4),
-    more units are tried than the first state holds, then the state freezes. Applying a drawn member
-    (``--applied sample``) changes the state in every epoch and trains nearly every unit for a while."""
+    """The default schedule on digits, 8 epochs (issue 14's targets): until the deadline (epoch 4) the
+    population stays diverse and the applied state changes in every epoch, at least 95 % of the units are
+    tried, then the state freezes; with the best state applied (the default) as with a drawn member."""
     result = cli("train", "--epochs", "8", "--applied", applied, "--device", "cpu",
                  "--run-dir", str(tmp_path / "run"), "--quiet", timeout=600)  # ~100 s on 2 idle cores
     assert result.returncode == 0, result.stderr
@@ -721,6 +721,4 @@ def test_digits_run_explores_then_freezes_by_the_deadline(tmp_path, applied):
     before = [m for m in metrics if m["epoch"] <= 4]
     assert [m["frozen"] for m in metrics] == [False] * 3 + [True] * 5
     assert all(m["diversity"] > 0 for m in before) and all(m["best_changes"] == 0 for m in metrics[4:])
-    assert metrics[-1]["ever_kept"] > metrics[0]["kept"]
-    if applied == "sample":
-        assert all(m["best_changes"] > 0 for m in before) and metrics[-1]["ever_kept"] >= 0.95
+    assert all(m["best_changes"] > 0 for m in before) and metrics[-1]["ever_kept"] >= 0.95

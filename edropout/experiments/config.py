@@ -81,7 +81,7 @@ class TrainConfig:
     p_init: float = _option(0.5, "probability that a unit is kept in the initial states, in (0, 1]")
     energy: str = _option("ising", "ising (Ising energy, refreshed every --refresh-every steps) or loss (energy "
                                    "loss on each batch)")
-    refresh_every: int = _option(100, "ising: steps between two refreshes of its fields and couplings")
+    refresh_every: int = _option(10, "ising: steps between two refreshes of its fields and couplings")
     keep_rate: Optional[float] = _option(None, "every state keeps this fraction of the prunable units, in (0, 1]",
                                          "none, the energy decides")
     freeze_after: int = _option(100, "epoch from which the state may freeze (early state convergence)")
