@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .units import PrunableUnits, output_projection, output_projection_name
+from .units import PrunableUnits, head_columns, output_projection, output_projection_name
 
 ACTIVITY_MOMENTUM = 0.1  # of the running mean of each unit's activity (the Ising fields)
 
@@ -103,6 +103,10 @@ class UnitMasks:
         ran, self.ran = self.ran or set(), None
         return [layer.name for layer in self.units if layer.start not in ran and layer.kind != "classifier_out"]
 
+    def _note_ran(self, start: int) -> None:
+        if self.ran is not None:  # watched until not_run()
+            self.ran.add(start)
+
     def remove(self) -> None:
         """Remove the hooks and the replaced forwards: the model runs as if every unit were kept."""
         for handle in self._handles:
@@ -137,8 +141,7 @@ class UnitMasks:
         self.activity[start:stop].lerp_(values.to(self.activity.dtype), ACTIVITY_MOMENTUM)
 
     def _after(self, start, stop, module, inputs, output):
-        if self.ran is not None:
-            self.ran.add(start)
+        self._note_ran(start)
         if self.collect and module.training and self._candidates is None:
             self._record(start, stop, _mean_abs(output.detach(), channel_dim=1))
         if not self.enabled:
@@ -147,8 +150,7 @@ class UnitMasks:
 
     def _batchnorm(self, start, stop, bn, x):
         """``bn``'s forward, its affine parameters masked (the activation multiplied when scoring candidates)."""
-        if self.ran is not None:
-            self.ran.add(start)
+        self._note_ran(start)
         if not self.enabled or self._candidates is not None:
             return self._after(start, stop, bn, (x,), _BatchNorm.forward(bn, x))
         mask = self._layer_mask[start]
@@ -163,8 +165,7 @@ class UnitMasks:
 
     def _linear(self, start, stop, linear, x):
         """``linear``'s forward, the mask in its weight's columns where the weight is the smaller."""
-        if self.ran is not None:
-            self.ran.add(start)
+        self._note_ran(start)
         if not self.enabled or self._candidates is not None or linear.weight.numel() > x.numel():
             (x,) = self._before(start, stop, linear, (x,)) or (x,)
             return F.linear(x, linear.weight, linear.bias)
@@ -177,8 +178,7 @@ class UnitMasks:
     def _heads(self, start, stop, attention, *args, **kwargs):
         """``attention``'s forward with its output projection's columns of the dropped heads masked (when
         scoring candidates, part k of the batch with candidate k's heads)."""
-        if self.ran is not None:
-            self.ran.add(start)
+        self._note_ran(start)
         forward = type(attention).forward
         if not self.enabled:
             return forward(attention, *args, **kwargs)
@@ -200,8 +200,7 @@ class UnitMasks:
         return torch.cat(outputs, dim)
 
     def _before(self, start, stop, module, args):
-        if self.ran is not None:
-            self.ran.add(start)
+        self._note_ran(start)
         x = args[0]
         if self.collect and module.training and self._candidates is None:
             self._record(start, stop, _mean_abs(x.detach(), channel_dim=x.dim() - 1))
@@ -216,7 +215,7 @@ class _Projected:
 
     def __init__(self, attention: nn.Module, heads: torch.Tensor):
         proj = output_projection(attention)
-        columns = heads.to(proj.weight.dtype).repeat_interleave(proj.in_features // heads.numel())
+        columns = head_columns(attention, heads.to(proj.weight.dtype))
         view = SimpleNamespace(weight=proj.weight * columns, bias=proj.bias, in_features=proj.in_features,
                                out_features=proj.out_features)
         self.__dict__.update(_attention=attention, **{output_projection_name(attention): view})

@@ -60,7 +60,7 @@ from torch import nn
 from .graph import ChannelGraph, channel_graph, conv_batchnorm_pairs
 from .heads import SlimMultiheadAttention, SlimWindowAttention, removable_heads, slim_attention
 from .masks import UnitMasks
-from .units import PrunableUnits, is_attention, output_projection, prunable_units
+from .units import PrunableUnits, head_columns, is_attention, output_projection, prunable_units
 
 __all__ = ["slim", "slim_layers", "kept_by_layer", "slim_plan", "kept_parameters", "SlimPlan", "SelectLinear",
            "check_kept"]
@@ -300,7 +300,7 @@ def _build(slim: nn.Module, plan: SlimPlan) -> nn.Module:
             _set_module(slim, name, slim_attention(modules[name], ~dropped))
             continue
         proj = output_projection(modules[name])
-        proj.weight[:, _index(dropped.repeat_interleave(proj.in_features // len(dropped)), proj.weight.device)] = 0
+        proj.weight[:, _index(head_columns(modules[name], dropped), proj.weight.device)] = 0
     # 1. Fold masks, in the original indices.
     for name, lp in plan.layers.items():
         m = modules[name]
@@ -449,7 +449,7 @@ def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[
     for name, dropped in plan.heads.items():  # a dropped head's zeroed output projection columns
         if not isinstance(modules[name], (SlimMultiheadAttention, SlimWindowAttention)):
             proj = output_projection(modules[name])
-            count -= int(dropped.sum()) * proj.out_features * (proj.in_features // len(dropped))
+            count -= int(head_columns(modules[name], dropped).sum()) * proj.out_features
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return 100.0 * count / total, count
 

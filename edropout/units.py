@@ -154,6 +154,12 @@ def output_projection(attention: nn.Module) -> nn.Linear:
     return getattr(attention, output_projection_name(attention))
 
 
+def head_columns(attention: nn.Module, per_head: torch.Tensor) -> torch.Tensor:
+    """A per-head vector ``[num_heads]`` of ``attention`` spread over its output projection's input columns
+    (each head owns a contiguous slice of them)."""
+    return per_head.repeat_interleave(output_projection(attention).in_features // per_head.numel())
+
+
 def _read_directly(model: nn.Module) -> set:
     """Names of the Conv2d and Linear layers whose weight the traced network reads as a tensor (not through
     the layer's forward); empty when the network does not trace."""

@@ -1,4 +1,8 @@
-"""Random inputs for the op tests: states, fields of mixed sign and block layouts."""
+"""Random inputs for the op tests: states, fields of mixed sign and block layouts; the benchmark scripts as
+modules."""
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -49,3 +53,12 @@ def layout(kind, D, gen):
         rest = D - big
         return [big] + ([1] if rest else []) + (random_sizes(rest - 1, gen, max(1, rest // 3)) if rest > 1 else [])
     raise ValueError(kind)
+
+
+def load_benchmark(name):
+    """The script benchmarks/<name>.py as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

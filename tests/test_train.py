@@ -23,6 +23,7 @@ from edropout.experiments import build, rundir, runs
 from edropout.experiments import config as configs
 from edropout.experiments import report as reports
 from edropout.experiments.config import TrainConfig
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -632,15 +633,6 @@ def test_cli_trains_on_the_system_fashion_mnist(tmp_path):
                  "--run-dir", str(tmp_path / "run"), "--quiet", code=main)
     assert result.returncode == 0, result.stderr
     assert "| EDropout(P) |" in result.stdout and not any((tmp_path / "empty").iterdir())
-
-
-def load_benchmark(name):
-    """The script benchmarks/<name>.py as a module."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_finetune_lr_sweep_reads_validation_only(tmp_path, tiny, monkeypatch):

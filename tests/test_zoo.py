@@ -1,17 +1,12 @@
 """Every torchvision classification model: EDropout masks it, trains a step, and slims it to a network whose
 eval-mode outputs equal the masked one's (``benchmarks/zoo.py``; models above 30M parameters under -m slow)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torchvision
+from helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("zoo", ROOT / "benchmarks" / "zoo.py")
-zoo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(zoo)
+zoo = load_benchmark("zoo")
 
 LARGE = 30e6  # parameters (torchvision's count, 1000 classes): above it, slow
 

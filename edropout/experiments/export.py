@@ -16,9 +16,10 @@ from .rundir import atomic_write_bytes
 
 
 def export(run_dir, device="cpu") -> Dict[str, Path]:
-    """slim.pt (the slimmed network of best.pt, checked against the masked one on a random batch, as plain data: its weights, the state and the architecture;
-    ``edropout.load_slim(path)`` rebuilds it, reading with ``weights_only=True``) and slim.ts (TorchScript:
-    scripted, or traced where scripting fails; ``torch.jit.load``)."""
+    """slim.pt (the slimmed network of best.pt, checked against the masked one on a random batch, as plain
+    data: its weights, the state and the architecture; ``edropout.load_slim(path)`` rebuilds it, reading
+    with ``weights_only=True``) and slim.ts (TorchScript: scripted, or traced where scripting fails;
+    ``torch.jit.load``)."""
     run_dir = Path(run_dir)
     config, checkpoint, model, ed = open_run(run_dir, device)
     meta = checkpoint["meta"]
