@@ -466,6 +466,12 @@ def test_cli_bad_new_options(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_command_and_the_library_refresh_the_ising_energy_alike():
+    """`edropout train` and ``EDropout(model)`` share the refresh period chosen on validation (README)."""
+    from edropout.energies import IsingEnergy
+    assert TrainConfig().refresh_every == IsingEnergy().refresh_every == 10
+
+
 def test_every_config_field_has_a_flag():
     from dataclasses import fields
     from edropout.experiments.cli import parser
