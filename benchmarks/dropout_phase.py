@@ -69,8 +69,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--candidates: unknown {', '.join(unknown)}; expected among {', '.join(CANDIDATES)}")
     base = configs.TrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, limit_batches=args.limit_batches,
-                                batch_size=args.batch_size, lr_step=args.lr_step, seed=args.seed,
-                                freeze_after=args.epochs, patience=100)
+                                batch_size=args.batch_size, lr_step=args.lr_step, seed=args.seed)
     configs.check_config(base)
     splits = build.load_data(base)
     device = torch.device(base.device)

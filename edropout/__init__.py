@@ -13,10 +13,13 @@ from . import _C  # noqa: F401  (registers the torch.ops.edropout kernels)
 from . import criteria, energies, ops, reference
 from .controller import EDropout
 from .energies import EnergyLoss, IsingEnergy
+from .freezing import FreezeRule
+from .pruning import PrunedNetwork, prune
 from .slim import kept_parameters, slim
 from .slimfile import load_slim, save_slim
 from .units import Layer, PrunableUnits, prunable_units
 
 __all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "energies", "criteria", "ops", "reference", "prunable_units",
-           "PrunableUnits", "Layer", "slim", "kept_parameters", "load_slim", "save_slim"]
+           "PrunableUnits", "Layer", "slim", "kept_parameters", "load_slim", "save_slim", "prune", "PrunedNetwork",
+           "FreezeRule"]
 __version__ = "0.1.0"

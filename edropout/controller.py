@@ -4,15 +4,16 @@
     for inputs, targets in loader:
         loss = F.cross_entropy(model(inputs), targets)
         optimizer.zero_grad(); loss.backward(); optimizer.step()
-        ed.step(inputs, targets)                  # evolve, score, select, apply the best state
-    ed.end_epoch()                                # once per epoch: early state convergence
+        ed.step(inputs, targets)                  # evolve, score, select, apply a state; may freeze
+    ed.end_epoch()                                # once per epoch: the freeze rule's deadline
 
 Each step evolves the population (``ops.evolve``: binary differential evolution, or with ``rule="edropout"``
 the mutation rule of the EDropout paper's reference code), scores the trials, keeps each trial that beats
-its parent (``ops.select``) and applies the best state to the model as a dropout mask. An energy that
-offers a fused step runs the three in one op (the Ising energy, whose value only changes when its terms
-are refreshed: ``ops.evolve_step``). From epoch ``freeze_after`` on, once the best state has not changed for ``patience``
-steps, it is frozen, and at the end of epoch ``freeze_by`` whatever happens: dropout has become pruning.
+its parent (``ops.select``) and applies a state to the model as a dropout mask (``applied``: the best one by
+default). An energy that offers a fused step runs the three in one op (the Ising energy, whose value only
+changes when its terms are refreshed: ``ops.evolve_step``). The state freezes when its
+:class:`~edropout.freezing.FreezeRule` says so (once settled, or at a deadline): dropout has become
+pruning, and :func:`edropout.prune` makes the network physically slim to train on.
 ``stats()`` shows whether the search explores: how often the applied state changed, the population's
 diversity, and the share of the units that have been applied at least once.
 
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 from . import distributed, ops
 from .energies import Energy, IsingEnergy
+from .freezing import FreezeRule
 from .graph import conv_batchnorm_pairs
 from .masks import UnitMasks
 from .units import prunable_units
@@ -70,14 +72,12 @@ class EDropout:
             initial states and every trial then keep exactly that many prunable units (rounded): a state
             with too many (too few) has randomly chosen kept (dropped) units flipped before it is scored,
             so the energy decides which units, the constraint how many.
-        freeze_after: the epoch (counted by :meth:`end_epoch`) from which the state may freeze; None never.
-        patience: steps without a change of the best state after which it freezes.
-        freeze_by: the epoch at whose end the best state freezes whatever happens (a search that keeps
-            exploring may never stay unchanged for ``patience`` steps); None: no deadline.
+        freeze: the :class:`~edropout.freezing.FreezeRule` (default ``FreezeRule()``: the state freezes
+            only when :meth:`freeze` is called).
         applied: the state applied while the search runs: ``"best"`` (the population's best) or
             ``"sample"`` (a member drawn at each step, keyed by (seed, step); the best state is applied once
-            it freezes) or ``"anneal"`` (at each step a drawn member with probability 1 - epoch / freeze_by,
-            else the best state: dropout that settles on the state it freezes; needs ``freeze_by``).
+            it freezes) or ``"anneal"`` (at each step a drawn member with probability 1 - epoch / deadline,
+            else the best state: dropout that settles on the state it freezes; needs the rule's deadline).
         seed: the initial states' and the evolution's random seed.
         exclude: layers (names or modules) whose units are never dropped and not part of the state.
         check_ranks: with several processes, compare a checksum of the population, its energies and the
@@ -88,11 +88,12 @@ class EDropout:
 
     def __init__(self, model: nn.Module, energy: Optional[Energy] = None, population: int = 8,
                  p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
-                 keep_rate: Optional[float] = None, freeze_after: Optional[int] = 100, patience: int = 100,
-                 seed: int = 0, exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None,
-                 rule: str = "edropout", freeze_by: Optional[int] = None, applied: str = "best"):
+                 keep_rate: Optional[float] = None, freeze: Optional[FreezeRule] = None, seed: int = 0,
+                 exclude: Iterable[Union[str, nn.Module]] = (), check_ranks: Optional[bool] = None,
+                 rule: str = "edropout", applied: str = "best"):
+        freeze = FreezeRule() if freeze is None else freeze
         check_arguments(population=population, p_init=p_init, mutation=mutation, crossover=crossover,
-                        keep_rate=keep_rate, patience=patience, rule=rule, applied=applied, freeze_by=freeze_by)
+                        keep_rate=keep_rate, rule=rule, applied=applied, freeze=freeze)
         if energy is not None and not isinstance(energy, Energy):
             raise ValueError(f"energy must be an edropout.energies.Energy, got {type(energy).__name__}")
 
@@ -107,7 +108,7 @@ class EDropout:
         self.mutation, self.crossover, self.seed = float(mutation), float(crossover), int(seed)
         self.rule = rule
         self.keep_rate = keep_rate
-        self.freeze_after, self.patience, self.freeze_by = freeze_after, int(patience), freeze_by
+        self.freeze_rule = freeze
         self.applied = applied
         self.activity_every = 10  # training forwards between two samples of the units' activity
         if check_ranks is None:
@@ -123,7 +124,6 @@ class EDropout:
         self.energies: Optional[Tensor] = None  # of the population, scored at the first step
         self.best = torch.zeros((), dtype=torch.long, device=device)
         self.best_state = self.masks.mask.to(torch.uint8).clone()
-        self.unchanged = torch.zeros((), dtype=torch.long, device=device)  # steps the best state stayed
         # the dynamics (device counters, no sync per step): steps at which the applied state changed, and
         # the units that have been in an applied state at least once
         self.changes = torch.zeros((), dtype=torch.long, device=device)
@@ -131,11 +131,13 @@ class EDropout:
         self.steps = 0
         self.epoch = 0
         self.frozen = False
+        self.frozen_at: Optional[Dict[str, int]] = None  # {"epoch": epochs ended, "step": steps} at the freeze
 
     # -- the training loop's calls ------------------------------------------------------------------
     def step(self, inputs: Optional[Tensor] = None, targets: Optional[Tensor] = None) -> None:
-        """One generation: evolve, score, select, and apply the best state. Pass the batch when the
-        energy needs it (the energy loss). Does nothing once the state is frozen."""
+        """One generation: evolve, score, select, and apply a state (``applied``); then freeze if the
+        rule says the state has settled. Pass the batch when the energy needs it (the energy loss). Does
+        nothing once the state is frozen."""
         if self.frozen:
             return
         if self.steps == 0:
@@ -164,22 +166,18 @@ class EDropout:
                     result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
             self.population, self.energies, best = result
             self._record_best(best)
-            if self._samples_this_step():
-                self._apply_state(self.population[self._drawn_member()])
-            elif self.applied == "anneal":
-                self._apply_state(self.best_state)
+            self._apply_state(self._chosen_state())
             if several and self.check_ranks:
                 self._check_ranks()
         self.steps += 1
         self.masks.collect = self.steps % self.activity_every == 0  # sample the activity of the next forward
-        if self.freeze_after is not None and self.epoch >= self.freeze_after and self.steps % 10 == 0:
-            if int(self.unchanged) >= self.patience:
-                self.freeze()
+        if self.freeze_rule.settled(self.steps, self.masks.mask, self.prunable):
+            self.freeze()
 
     def end_epoch(self) -> None:
-        """Count an epoch (for ``freeze_after``); at the end of epoch ``freeze_by``, freeze."""
+        """Count an epoch; freeze at the rule's deadline."""
         self.epoch += 1
-        if self.freeze_by is not None and self.epoch >= self.freeze_by and not self.frozen:
+        if not self.frozen and self.freeze_rule.due(self.epoch):
             self.freeze()
 
     def freeze(self, state: Optional[Tensor] = None) -> None:
@@ -187,8 +185,10 @@ class EDropout:
         from now on the model is pruned to it and ``step`` does nothing."""
         if state is not None:
             self.masks.mask.copy_((state.to(self.always_kept.device).bool() | self.always_kept).to(self.masks.mask))
-        elif self.applied != "best" and self.energies is not None and not self.frozen:
+        elif self.energies is not None and not self.frozen:
             self._apply_state(self.best_state)
+        if not self.frozen:
+            self.frozen_at = {"epoch": self.epoch, "step": self.steps}
         self.frozen = True
         self.masks.collect = False
 
@@ -263,10 +263,11 @@ class EDropout:
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"population": self.population, "energies": self.energies, "best": self.best,
-                "unchanged": self.unchanged, "mask": self.masks.mask, "activity": self.masks.activity,
-                "steps": self.steps, "epoch": self.epoch, "frozen": self.frozen, "seed": self.seed,
-                "rule": self.rule, "best_state": self.best_state, "changes": self.changes,
-                "ever_kept": self.ever_kept, "energy": self.energy.state_dict()}
+                "mask": self.masks.mask, "activity": self.masks.activity,
+                "steps": self.steps, "epoch": self.epoch, "frozen": self.frozen, "frozen_at": self.frozen_at,
+                "seed": self.seed, "rule": self.rule, "best_state": self.best_state, "changes": self.changes,
+                "ever_kept": self.ever_kept, "energy": self.energy.state_dict(),
+                "freeze_rule": self.freeze_rule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["population"].shape != self.population.shape:
@@ -276,11 +277,13 @@ class EDropout:
         device = self.population.device
         self.population = state["population"].to(device)
         self.energies = None if state["energies"] is None else state["energies"].to(device)
-        self.best, self.unchanged = state["best"].to(device), state["unchanged"].to(device)
+        self.best = state["best"].to(device)
         self.masks.mask.copy_(state["mask"])
         self.masks.activity.copy_(state["activity"])
         self.steps, self.epoch = state["steps"], state["epoch"]
         self.frozen, self.seed = state["frozen"], state["seed"]
+        self.frozen_at = state.get("frozen_at")  # older checkpoints: unknown
+        self.freeze_rule.load_state_dict(state.get("freeze_rule", {}))
         self.rule = rule
         # older checkpoints predate the dynamics: the applied state stands for the best, and for the units
         # ever kept, and the count of changes starts at 0
@@ -363,15 +366,17 @@ class EDropout:
             self.model.train(was_training)
 
     def _record_best(self, best: Tensor) -> None:
-        """Record the best member; applied="best": apply its state."""
+        """Record the best member and its state."""
         best = best.clamp_min(0)  # -1 only when every energy is NaN
-        state = self.population.index_select(0, best.view(1))[0]
-        changed = (state != self.best_state).any()
-        self.unchanged = torch.where(changed, torch.zeros_like(self.unchanged), self.unchanged + 1)
-        self.best_state.copy_(state)
+        self.best_state.copy_(self.population.index_select(0, best.view(1))[0])
         self.best = best
-        if self.applied == "best":
-            self._apply_state(state)
+
+    def _chosen_state(self) -> Tensor:
+        """The state applied after this step, the one place ``applied`` is decided: the best state, or for
+        "sample" (always) and "anneal" (with probability 1 - epoch / deadline) a member drawn at this step."""
+        if self._samples_this_step():
+            return self.population[self._drawn_member()]
+        return self.best_state
 
     def _apply_state(self, state: Tensor) -> None:
         """Mask the model with ``state``, counting a change of the applied state (after the first)."""
@@ -383,11 +388,11 @@ class EDropout:
 
     def _samples_this_step(self) -> bool:
         """Whether a drawn member is applied at this step: always for "sample"; for "anneal" with
-        probability 1 - epoch / freeze_by (keyed by (seed, step), the same on every rank)."""
+        probability 1 - epoch / deadline (keyed by (seed, step), the same on every rank)."""
         if self.applied != "anneal":
             return self.applied == "sample"
         generator = torch.Generator().manual_seed(hash((self.seed, self.steps, 2)) & (2**63 - 1))
-        return float(torch.rand((), generator=generator)) < 1.0 - self.epoch / self.freeze_by
+        return float(torch.rand((), generator=generator)) < 1.0 - self.epoch / self.freeze_rule.deadline
 
     def _drawn_member(self) -> int:
         """The member applied at this step when one is drawn, the same on every rank."""
@@ -402,8 +407,8 @@ def _check_rule(rule: str) -> str:
 
 
 def check_arguments(population: int = 8, p_init: float = 0.5, mutation: float = 0.1, crossover: float = 0.9,
-                    keep_rate: Optional[float] = None, patience: int = 100, rule: str = "edropout",
-                    applied: str = "best", freeze_by: Optional[int] = None) -> None:
+                    keep_rate: Optional[float] = None, rule: str = "edropout", applied: str = "best",
+                    freeze: Optional[FreezeRule] = None) -> None:
     """ValueError (one line naming the argument) unless :class:`EDropout` can run with these arguments."""
     if isinstance(population, bool) or not isinstance(population, int) or population < 4:
         raise ValueError(f"population must be at least 4 candidate states, got {population!r}")
@@ -412,12 +417,11 @@ def check_arguments(population: int = 8, p_init: float = 0.5, mutation: float = 
             raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
     if keep_rate is not None and not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate must be a fraction in (0, 1] or None, got {keep_rate}")
-    if patience < 1:
-        raise ValueError(f"patience must be a positive number of steps, got {patience}")
     _check_rule(rule)
     if applied not in APPLIED:
         raise ValueError(f"applied must be 'best', 'sample' or 'anneal', got {applied!r}")
-    if freeze_by is not None and (isinstance(freeze_by, bool) or not isinstance(freeze_by, int) or freeze_by < 0):
-        raise ValueError(f"freeze_by must be a non-negative epoch or None, got {freeze_by!r}")
-    if applied == "anneal" and not freeze_by:
-        raise ValueError(f"applied='anneal' needs freeze_by (the epoch at which it ends), got {freeze_by}")
+    if freeze is not None and not isinstance(freeze, FreezeRule):
+        raise ValueError(f"freeze must be an edropout.FreezeRule, got {type(freeze).__name__}")
+    if applied == "anneal" and (freeze is None or freeze.deadline is None):
+        raise ValueError("applied='anneal' needs a freeze deadline (FreezeRule(deadline=...), the epoch at which "
+                         "it ends)")

@@ -217,3 +217,36 @@ def _select_fake(population, energies, trials, trial_energies):
 def _evolve_step_fake(population, energies, field, couplings, block_sizes, block_ranks, seed, step, mutation, crossover,
                       keep, rule="classic"):
     return torch.empty_like(population), torch.empty_like(energies), population.new_empty((), dtype=torch.int64)
+
+
+# FLOPs of the ops from their arithmetic, for torch.utils.flop_counter.FlopCounterMode(custom_mapping=FLOPS),
+# which counts a custom op as 0 otherwise. A multiply-add is 2 FLOPs, as the counter counts aten's matmuls;
+# the evolution's draws and comparisons count 1 per state entry.
+def _energy_flops(K: int, block_sizes, block_ranks) -> int:
+    """ising_energy of K states: the field term, then per row of a dense block n entries, of a factored
+    block W (n × r) the projection σᵀW and its square (2 n r + r per state)."""
+    D = sum(block_sizes)
+    couplings = sum(2 * n * n if r == 0 else 2 * n * r + r for n, r in zip(block_sizes, block_ranks))
+    return K * (2 * D + couplings)
+
+
+def _ising_energy_flops(states, field, couplings, block_sizes, block_ranks, out_shape=None) -> int:
+    return _energy_flops(states[0], block_sizes, block_ranks)
+
+
+def _evolve_flops(population, seed, step, mutation, crossover, keep, rule="classic", out_shape=None) -> int:
+    return 4 * population[0] * population[1]  # per entry: the draws and the mutant's comparisons
+
+
+def _select_flops(population, energies, trials, trial_energies, out_shape=None) -> int:
+    return population[0] * (population[1] + 1)
+
+
+def _evolve_step_flops(population, energies, field, couplings, block_sizes, block_ranks, seed, step, mutation,
+                       crossover, keep, rule="classic", out_shape=None) -> int:
+    K, D = population
+    return 4 * K * D + _energy_flops(K, block_sizes, block_ranks) + K * (D + 1)
+
+
+FLOPS = {torch.ops.edropout.ising_energy: _ising_energy_flops, torch.ops.edropout.evolve: _evolve_flops,
+         torch.ops.edropout.select: _select_flops, torch.ops.edropout.evolve_step: _evolve_step_flops}

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import edropout
 import edropout.models
-from edropout import EDropout, ops
+from edropout import EDropout, FreezeRule, ops
 from edropout.energies import EnergyLoss, IsingEnergy
 
 
@@ -240,10 +240,10 @@ def test_changes_and_ever_kept_follow_the_applied_states(gen, applied):
 
 
 def test_anneal_draws_members_less_often_each_epoch_then_applies_the_best(gen):
-    """applied="anneal": at each step a drawn member with probability 1 - epoch / freeze_by, else the best
+    """applied="anneal": at each step a drawn member with probability 1 - epoch / deadline, else the best
     state; in the last epoch before the deadline mostly the best, after it the frozen best."""
     model = SmallCNN()
-    ed = EDropout(model, energy=IsingEnergy(refresh_every=5), freeze_after=None, freeze_by=4, rule="edropout",
+    ed = EDropout(model, energy=IsingEnergy(refresh_every=5), freeze=FreezeRule(deadline=4), rule="edropout",
                   applied="anneal", seed=3)
     off_best = []
     for epoch in range(4):
@@ -256,19 +256,20 @@ def test_anneal_draws_members_less_often_each_epoch_then_applies_the_best(gen):
     # the drawn member is the best one about 1/8 of the time: expected 26, 20, 13, 7 of 30 steps off the best
     assert off_best[0] > off_best[3] and off_best[0] >= 15 and off_best[3] <= 14, off_best
     assert ed.frozen and torch.equal(ed.state, ed.best_state)
-    with pytest.raises(ValueError, match="freeze_by"):
-        EDropout(SmallCNN(), applied="anneal", freeze_by=None)
+    with pytest.raises(ValueError, match="deadline"):
+        EDropout(SmallCNN(), applied="anneal", freeze=FreezeRule(deadline=None))
 
 
-def test_freeze_by_freezes_at_the_end_of_that_epoch(gen):
+def test_the_deadline_freezes_at_the_end_of_that_epoch(gen):
     model = SmallCNN()
-    ed = EDropout(model, freeze_after=None, freeze_by=2, rule="edropout", applied="sample")
+    ed = EDropout(model, freeze=FreezeRule(deadline=2), rule="edropout", applied="sample")
     train_steps(model, ed, gen, 4)
     ed.end_epoch()
     assert not ed.frozen
     train_steps(model, ed, gen, 4)
     ed.end_epoch()
     assert ed.frozen and torch.equal(ed.state, ed.population[ed.best])
+    assert ed.frozen_at == {"epoch": 2, "step": 8}
     state, changes = ed.state.clone(), ed.stats()["changes"]
     train_steps(model, ed, gen, 3)
     assert torch.equal(ed.state, state) and ed.stats()["changes"] == changes
@@ -307,6 +308,31 @@ def test_dead_kernel_dropped_and_duplicate_pair_keeps_one(gen):
     assert int(state[1]) + int(state[2]) == 1, "the duplicate kernels are not one kept, one dropped"
 
 
+def test_freeze_rule_distance_is_the_largest_from_the_newest_of_its_window():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    D, window, every = 40, 4, 3
+    prunable = torch.ones(D)
+    prunable[:5] = 0  # always-kept units do not count
+    rule = FreezeRule(distance=0.1, window=window, every=every)
+    states = []
+    for step in range(1, 25):
+        state = (torch.rand(D, generator=gen) < 0.5).to(torch.uint8)
+        settled = rule.settled(step, state, prunable)
+        if step % every == 0:
+            states.append(state.bool())
+        if len(states) >= window and step % every == 0:
+            newest, others = states[-1], states[-window:-1]
+            expected = max(int(((o != newest) & prunable.bool()).sum()) for o in others) / 35
+            assert rule.distances[-1] == pytest.approx(expected) and settled == (expected <= 0.1)
+        else:
+            assert not settled
+    assert len(rule.distances) == len(states) - window + 1
+    for bad, word in [({"distance": 0.0}, "distance"), ({"distance": 1.5}, "distance"), ({"window": 1}, "window"),
+                      ({"every": 0}, "every"), ({"deadline": 0}, "deadline")]:
+        with pytest.raises(ValueError, match=word):
+            FreezeRule(**bad)
+
+
 def test_keep_rate_is_reached(gen):
     model = SmallCNN()
     ed = EDropout(model, keep_rate=0.3, seed=2)
@@ -314,17 +340,16 @@ def test_keep_rate_is_reached(gen):
     assert abs(ed.stats()["kept"] - 0.3) <= 0.02, ed.stats()
 
 
-def test_freezes_after_patience_and_contexts(gen):
+def test_freezes_once_settled_and_contexts(gen):
     model = SmallCNN()
-    ed = EDropout(model, freeze_after=1, patience=20)
-    train_steps(model, ed, gen, 30)
-    assert not ed.frozen  # not before epoch freeze_after
-    ed.end_epoch()
-    for _ in range(40):
-        train_steps(model, ed, gen, 10)
+    ed = EDropout(model, freeze=FreezeRule(distance=0.05, window=4, every=5), rule="classic")
+    for _ in range(60):
+        train_steps(model, ed, gen, 5)
         if ed.frozen:
             break
-    assert ed.frozen and int(ed.unchanged) >= 20
+    rule = ed.freeze_rule
+    assert ed.frozen and rule.distances[-1] <= 0.05 and all(d > 0.05 for d in rule.distances[:-1])
+    assert ed.frozen_at["step"] % 5 == 0 and ed.frozen_at["step"] >= 20
     state = ed.state.clone()
     train_steps(model, ed, gen, 3)
     assert torch.equal(ed.state, state)
@@ -361,8 +386,8 @@ def test_bad_arguments():
     model = SmallCNN()
     for kwargs, word in [({"population": 3}, "population"), ({"p_init": 1.5}, "p_init"),
                          ({"keep_rate": 0.0}, "keep_rate"), ({"energy": "ising"}, "energy"),
-                         ({"patience": 0}, "patience"), ({"rule": "binary"}, "rule"),
-                         ({"applied": "mean"}, "applied"), ({"freeze_by": -1}, "freeze_by")]:
+                         ({"freeze": 5}, "freeze"), ({"rule": "binary"}, "rule"),
+                         ({"applied": "mean"}, "applied")]:
         with pytest.raises(ValueError, match=word):
             EDropout(model, **kwargs)
 

@@ -15,7 +15,7 @@ from .. import distributed, models
 from ..controller import EDropout
 from ..energies import EnergyLoss, IsingEnergy
 from . import data
-from .config import RunError, TrainConfig, check_config, freeze_by
+from .config import RunError, TrainConfig, check_config, first_lr, freeze_rule
 from .rundir import load_checkpoint, read_config
 
 
@@ -27,9 +27,10 @@ def load_data(config: TrainConfig) -> data.Splits:
         raise RunError(distributed.first_line(e)) from None
 
 
-def build_network(config: TrainConfig, in_channels: int, num_classes: int, device=None):
+def build_network(config: TrainConfig, in_channels: int, num_classes: int, device=None, train_size: int = 0):
     """The network (initialised from ``seed``) on ``device`` (default ``config.device``) and its EDropout
-    controller (None for mode original)."""
+    controller (None for mode original); ``train_size``: training samples (an epoch's steps set how often
+    the freeze rule records the state; 0 for a network that is not trained on)."""
     torch.manual_seed(config.seed)
     model = models.build(config.model, in_channels, num_classes).to(config.device if device is None else device)
     if config.mode == "original":
@@ -38,23 +39,33 @@ def build_network(config: TrainConfig, in_channels: int, num_classes: int, devic
     ed = EDropout(model, energy=energy, population=config.population, p_init=config.p_init,
                   mutation=config.mutation, rule=config.evolution, applied=config.applied,
                   keep_rate=config.keep_rate if config.mode == "edropout" else None,
-                  freeze_after=config.freeze_after, patience=config.patience, freeze_by=freeze_by(config),
-                  seed=config.seed)
+                  freeze=freeze_rule(config, train_size), seed=config.seed)
     if config.mode == "random":  # a random state, fixed from the start: pruning at initialisation
         generator = torch.Generator().manual_seed(config.seed)
         ed.freeze(torch.rand(ed.units.num_units, generator=generator) < config.p_init)
     return model, ed
 
 
-def build_optimizer(config: TrainConfig, model: nn.Module):
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser; its learning rate is set at every step from :func:`learning_rate`."""
     if config.optimizer == "adadelta":
-        optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0 if config.lr is None else config.lr,
-                                         rho=config.rho, eps=config.eps, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 if config.lr is None else config.lr,
-                                    momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
-    return optimizer, scheduler
+        return torch.optim.Adadelta(model.parameters(), lr=first_lr(config), rho=config.rho, eps=config.eps,
+                                    weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=first_lr(config), momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay)
+
+
+def learning_rate(config: TrainConfig, step: int, epoch_steps: int, frozen_at: Optional[int] = None) -> float:
+    """The learning rate of training step ``step`` (from 0) of epochs of ``epoch_steps`` steps: ``lr`` divided
+    by 1 / ``lr_gamma`` every ``lr_step`` epochs (StepLR). With ``lr_after_freeze`` restart and the state
+    frozen at step ``frozen_at``, from there the schedule is replayed from ``lr`` over the steps that remain,
+    its decays spaced in proportion (5 epochs left of 10 with a decay every 3: a decay every 1.5 epochs)."""
+    if frozen_at is None or config.lr_after_freeze == "continue" or step < frozen_at:
+        decays = step // (config.lr_step * epoch_steps)
+    else:  # (step - frozen_at) / (lr_step * epoch_steps * remaining / total), in integers
+        total = config.epochs * epoch_steps
+        decays = (step - frozen_at) * total // (config.lr_step * epoch_steps * max(1, total - frozen_at))
+    return first_lr(config) * config.lr_gamma ** decays
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -81,18 +92,17 @@ def epoch_loader(dataset, config: TrainConfig, epoch: int) -> DataLoader:
     return DataLoader(dataset, batch_size=config.batch_size // world, sampler=sampler, num_workers=config.num_workers)
 
 
-def restore(checkpoint: dict, model, ed, optimizer=None, scheduler=None, path="checkpoint") -> None:
-    """Load a checkpoint's states; RunError (one line) when they do not fit the network."""
+def restore(checkpoint: dict, model, ed, optimizer=None, path="checkpoint") -> None:
+    """Load a checkpoint's states into those given (not None); RunError (one line) when they do not fit."""
     try:
-        model.load_state_dict(checkpoint["model"])
+        if model is not None:
+            model.load_state_dict(checkpoint["model"])
         if ed is not None:
             if checkpoint.get("edropout") is None:
                 raise ValueError("no EDropout state")
             ed.load_state_dict(checkpoint["edropout"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path}: does not fit the network of config.json ({distributed.first_line(e)})") from None
 

@@ -15,6 +15,7 @@ import torch
 
 from .. import models, ops
 from ..controller import APPLIED, check_arguments
+from ..freezing import FreezeRule
 from . import data
 
 MODES = ("edropout", "original", "random", "scratch", "finetune")  # the last two: baselines of an edropout run
@@ -26,9 +27,13 @@ SAME_SCHEDULE = ("dataset", "model", "optimizer", "lr", "rho", "eps", "momentum"
 OPTIMIZERS = ("adadelta", "sgd")
 ENERGIES = ("ising", "loss")
 # Fields a run's config.json may lack (written before they existed) and the behaviour of such a run
-OLDER_RUNS = {"evolution": "classic", "freeze_by": 0}
+OLDER_RUNS = {"evolution": "classic", "freeze_by": 0, "settle_distance": 0.0, "lr_after_freeze": "continue"}
+# Fields of older runs' config.json that no longer exist (the patience rule, replaced by settle_distance; with
+# the command's schedules the deadline always came first), dropped when read
+RETIRED = ("freeze_after", "patience")
+LR_AFTER_FREEZE = ("continue", "restart", "restart-reset")
 # The command's starting point without --config: about a minute on a 2-core CPU with digits
-SMALL = dict(epochs=15, batch_size=64, freeze_after=8, patience=50, lr_step=12)
+SMALL = dict(epochs=15, batch_size=64, lr_step=12)
 
 
 class RunError(Exception):
@@ -84,10 +89,18 @@ class TrainConfig:
     refresh_every: int = _option(10, "ising: steps between two refreshes of its fields and couplings")
     keep_rate: Optional[float] = _option(None, "every state keeps this fraction of the prunable units, in (0, 1]",
                                          "none, the energy decides")
-    freeze_after: int = _option(100, "epoch from which the state may freeze (early state convergence)")
-    patience: int = _option(100, "steps without a change of the best state that freeze it")
+    settle_distance: float = _option(0.0, "the state freezes once settled: the newest of the last 5 applied "
+                                          "states (recorded every --settle-every steps) differs from each of the "
+                                          "others in at most this fraction of the units, in [0, 1]; 0: never "
+                                          "settles (the deadline decides)")
+    settle_every: Optional[int] = _option(None, "steps between two recorded states of --settle-distance",
+                                          "a quarter of an epoch")
     freeze_by: Optional[int] = _option(None, "the epoch at whose end the state freezes whatever happens; 0: none",
                                        "half of --epochs")
+    lr_after_freeze: str = _option("continue", "the learning rate after the freeze: continue (the schedule goes "
+                                               "on), restart (the schedule replayed from --lr over the steps that "
+                                               "remain, its decays spaced in proportion) or restart-reset (restart, "
+                                               "the optimiser's state reset too)")
     evolution: str = _option("edropout", "the evolution's mutation rule: edropout (the reference "
                                          "implementation's; a converged population keeps exploring) or classic "
                                          "(binary differential evolution)")
@@ -113,6 +126,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        values = {key: value for key, value in values.items() if key not in RETIRED}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -145,6 +159,18 @@ def freeze_by(config: TrainConfig) -> Optional[int]:
     return value if value > 0 else None
 
 
+def steps_per_epoch(config: TrainConfig, train_size: int) -> int:
+    """Training steps of one epoch of a training set of ``train_size`` samples."""
+    steps = -(-train_size // config.batch_size)
+    return steps if config.limit_batches is None else min(steps, config.limit_batches)
+
+
+def freeze_rule(config: TrainConfig, train_size: int) -> FreezeRule:
+    """The controller's freeze rule of ``config`` (``settle_every``: a quarter of an epoch by default)."""
+    every = config.settle_every or max(1, steps_per_epoch(config, train_size) // 4)
+    return FreezeRule(distance=config.settle_distance or None, every=every, deadline=freeze_by(config))
+
+
 def _positive_int(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
@@ -153,7 +179,7 @@ def check_config(config: TrainConfig) -> None:
     """Raise RunError (one line) for a configuration that cannot run."""
     for name, choices in (("dataset", data.DATASETS), ("model", models.MODELS), ("mode", MODES),
                           ("optimizer", OPTIMIZERS), ("energy", ENERGIES), ("evolution", ops.RULES),
-                          ("applied", APPLIED)):
+                          ("applied", APPLIED), ("lr_after_freeze", LR_AFTER_FREEZE)):
         if getattr(config, name) not in choices:
             raise RunError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
     if not isinstance(config.baselines, str):
@@ -168,11 +194,16 @@ def check_config(config: TrainConfig) -> None:
     if config.finetune_epochs is not None and not _positive_int(config.finetune_epochs):
         raise RunError(f"finetune_epochs must be a positive integer or None; got {config.finetune_epochs!r}")
     check_bn_calibration(config.bn_calibration)
-    for name in ("batch_size", "epochs", "lr_step", "patience", "refresh_every", "dist_timeout"):
+    for name in ("batch_size", "epochs", "lr_step", "refresh_every", "dist_timeout"):
         if not _positive_int(getattr(config, name)):
             raise RunError(f"{name} must be a positive integer; got {getattr(config, name)!r}")
-    if config.freeze_after < 0 or config.num_workers < 0:
-        raise RunError("freeze_after and num_workers must not be negative")
+    if config.num_workers < 0:
+        raise RunError(f"num_workers must not be negative; got {config.num_workers!r}")
+    if config.settle_every is not None and not _positive_int(config.settle_every):
+        raise RunError(f"settle_every must be a positive integer or None; got {config.settle_every!r}")
+    if isinstance(config.settle_distance, bool) or not isinstance(config.settle_distance, (int, float)) \
+            or not 0.0 <= config.settle_distance <= 1.0:
+        raise RunError(f"settle_distance must be a fraction of the units in [0, 1]; got {config.settle_distance!r}")
     if config.freeze_by is not None and (isinstance(config.freeze_by, bool) or not isinstance(config.freeze_by, int)
                                          or config.freeze_by < 0):
         raise RunError(f"freeze_by must be a non-negative integer (an epoch) or None; got {config.freeze_by!r}")
@@ -181,7 +212,7 @@ def check_config(config: TrainConfig) -> None:
                        f"got freeze_by {config.freeze_by!r} with {config.epochs} epochs")
     try:  # what the controller itself checks, in its words
         check_arguments(population=config.population, p_init=config.p_init, mutation=config.mutation,
-                        keep_rate=config.keep_rate, patience=config.patience, freeze_by=freeze_by(config))
+                        keep_rate=config.keep_rate, freeze=FreezeRule(deadline=freeze_by(config)))
     except (ValueError, TypeError) as e:
         raise RunError(str(e)) from None
     if config.p_init == 0:

@@ -22,16 +22,19 @@ from torch.utils.data import DataLoader
 
 from ..controller import EDropout
 from ..criteria import Magnitude, Random
-from ..slim import kept_parameters
+from ..slim import kept_parameters, slim
 from . import data
 from .build import load_data, open_run, restore
 from .config import BASELINES, RunError, baseline_names, check_bn_calibration
+from .costs import inference_flops, run_cost
 from .loop import evaluate
 from .rundir import load_checkpoint, original_path, read_config, read_metrics, seed_dirs, write_text
 
 RANDOM_KEPT = (25, 50, 75)  # the random-pruning rows of the report: % of prunable units kept
 COLUMNS = (("loss", "loss", "{:.4f}"), ("top1", "top-1 %", "{:.2f}"), ("top3", "top-3 %", "{:.2f}"),
-           ("top5", "top-5 %", "{:.2f}"), ("R", "R %", "{:.2f}"), ("params", "#p", "{:,.0f}"))
+           ("top5", "top-5 %", "{:.2f}"), ("R", "R %", "{:.2f}"), ("params", "#p", "{:,.0f}"),
+           ("mflops", "MFLOPs/img", "{:,.1f}"), ("train_s", "train s", "{:,.0f}"),
+           ("train_tflops", "train TFLOPs", "{:,.1f}"))
 
 
 def calibration_batch_size(size: int, images: int) -> int:
@@ -95,9 +98,27 @@ def calibrated_batchnorm(model: nn.Module, dataset, images: int, device, ed: Opt
         model.train(was_training)
 
 
-def _row(name: str, metrics: dict, percent: float, params: int) -> dict:
+def _row(name: str, metrics: dict, percent: float, params: int, flops: int, cost: dict) -> dict:
+    """A report row: test metrics, R and #p, inference FLOPs of its network per image, and the training cost
+    (steps only) of the runs that produced it."""
     return {"method": name, "loss": metrics["loss"], "top1": metrics["top1"], "top3": metrics["top3"],
-            "top5": metrics["top5"], "R": percent, "params": params}
+            "top5": metrics["top5"], "R": percent, "params": params, "mflops": flops / 1e6,
+            "train_s": _number(cost["train_time"]), "train_tflops": _number(cost["train_flops"] / 1e12)}
+
+
+def _number(value: float) -> Optional[float]:
+    """``value``, or None where it is NaN (JSON has no NaN)."""
+    return None if value != value else value
+
+
+def _nan(value: Optional[float]) -> float:
+    return float("nan") if value is None else value
+
+
+def _cost(*run_dirs) -> dict:
+    """The training cost of the runs in ``run_dirs`` together (a fine-tuned network: the Original's and its own)."""
+    costs = [run_cost(read_metrics(d)) for d in run_dirs]
+    return {key: sum(c[key] for c in costs) for key in costs[0]}
 
 
 def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
@@ -118,43 +139,49 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
     loader = DataLoader(splits.test, batch_size=256, num_workers=config.num_workers)
     device = torch.device(config.device)
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    example = splits.test[0][0].unsqueeze(0).to(device)
+    full_flops = inference_flops(slim(model, torch.ones(ed.units.num_units), ed.units) if ed is not None else model,
+                                 example)
+    own = _cost(run_dir)
 
     def measure():  # the network as it runs now (masks applied or not), its own BatchNorm statistics
         with calibrated_batchnorm(model, splits.train, calibration, device, ed):
             return evaluate(model, loader, device)
 
     if ed is None:
-        return [_row("Original", measure(), 100.0, total)]
+        return [_row("Original", measure(), 100.0, total, full_flops, own)]
 
-    def state_row(name, state):
+    def state_row(name, state, cost):
         with ed.applying(state):
             percent, kept = kept_parameters(ed.model, ed.state, ed.units)
-            return _row(name, measure(), percent, kept)
+            flops = inference_flops(slim(ed.model, ed.state, ed.units), example)
+            return _row(name, measure(), percent, kept, flops, cost)
 
     if config.mode in BASELINES:
-        return [state_row(BASELINES[config.mode], ed.state.cpu().clone())]
+        return [state_row(BASELINES[config.mode], ed.state.cpu().clone(), own)]
     label = "EDropout" if config.mode == "edropout" else f"Random({config.p_init:g})"
     rows = {}
     with ed.full():
-        rows[f"{label}(F)"] = _row(f"{label}(F)", measure(), 100.0, total)
+        rows[f"{label}(F)"] = _row(f"{label}(F)", measure(), 100.0, total, full_flops, own)
     state = ed.state.cpu().clone()
-    rows[f"{label}(P)"] = state_row(f"{label}(P)", state)
+    rows[f"{label}(P)"] = state_row(f"{label}(P)", state, own)
     if config.mode == "edropout":
         for percent in RANDOM_KEPT:
             name = f"Random {percent}% (post-hoc)"
-            rows[name] = state_row(name, Random(config.seed).fraction(ed.units, percent))
-        rows["Magnitude (post-hoc)"] = state_row("Magnitude (post-hoc)", Magnitude().state(ed.units, state))
+            rows[name] = state_row(name, Random(config.seed).fraction(ed.units, percent), own)
+        rows["Magnitude (post-hoc)"] = state_row("Magnitude (post-hoc)", Magnitude().state(ed.units, state), own)
     original = original_path(config, run_dir)
     if original is not None:
         restore(load_checkpoint(original / "best.pt", config.device), model, None, path=original / "best.pt")
         with ed.full():
-            rows["Original"] = _row("Original", measure(), 100.0, total)
+            rows["Original"] = _row("Original", measure(), 100.0, total, full_flops, _cost(original))
         name = "Magnitude (Original, post-hoc)"
-        rows[name] = state_row(name, Magnitude().state(ed.units, state))
+        rows[name] = state_row(name, Magnitude().state(ed.units, state), _cost(original))
     for baseline in baseline_names(config):  # their own weights and fixed states
         path = run_dir / baseline / "best.pt"
         restore(load_checkpoint(path, config.device), model, ed, path=path)
-        rows[BASELINES[baseline]] = state_row(BASELINES[baseline], ed.state.cpu().clone())
+        cost = _cost(original, run_dir / baseline) if baseline == "finetune" else _cost(run_dir / baseline)
+        rows[BASELINES[baseline]] = state_row(BASELINES[baseline], ed.state.cpu().clone(), cost)
     first = ["Original", f"{label}(F)", f"{label}(P)", *BASELINES.values()]
     return [rows[name] for name in first if name in rows] + [row for name, row in rows.items() if name not in first]
 
@@ -166,7 +193,11 @@ def format_table(rows: List[dict], spread: Optional[List[dict]] = None) -> str:
     for i, row in enumerate(rows):
         cells = []
         for key, _, fmt in COLUMNS:
-            cell = fmt.format(row[key])
+            value = row.get(key)
+            if value is None or value != value:  # not recorded (runs written before the costs were)
+                cells.append("n/a")
+                continue
+            cell = fmt.format(value)
             if spread is not None:
                 cell += " ± " + fmt.format(spread[i][key])
             cells.append(cell)
@@ -202,7 +233,9 @@ def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bo
 def write_report(run_dir: Path, result: dict, heading: str, table: str, quiet: bool) -> None:
     """report.json (``result``) and report.md (``heading``, the legend and ``table``); the latter printed
     unless ``quiet``."""
-    text = f"{heading} R: % of trainable parameters kept; #p: their number.\n\n{table}\n"
+    text = (f"{heading} R: % of trainable parameters kept; #p: their number; MFLOPs/img: inference FLOPs of "
+            f"the (slim) network per image; train s, train TFLOPs: the training steps' seconds and FLOPs of the "
+            f"runs that produced the row (Magnitude + fine-tune: the Original's and its own).\n\n{table}\n")
     write_text(run_dir / "report.json", json.dumps(result, indent=2) + "\n")
     write_text(run_dir / "report.md", text)
     if not quiet:
@@ -234,9 +267,10 @@ def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None
                            f"{', '.join(methods)}; seed {r['seed']}: {', '.join(row['method'] for row in r['rows'])})")
     mean, std = [], []
     for i, row in enumerate(reports[0]["rows"]):
-        values = {key: torch.tensor([r["rows"][i][key] for r in reports], dtype=torch.float64) for key, _, _ in COLUMNS}
-        mean.append({"method": row["method"], **{k: float(v.mean()) for k, v in values.items()}})
-        std.append({"method": row["method"], **{k: float(v.std(unbiased=False)) for k, v in values.items()}})
+        values = {key: torch.tensor([_nan(r["rows"][i].get(key)) for r in reports], dtype=torch.float64)
+                  for key, _, _ in COLUMNS}
+        mean.append({"method": row["method"], **{k: _number(float(v.mean())) for k, v in values.items()}})
+        std.append({"method": row["method"], **{k: _number(float(v.std(unbiased=False))) for k, v in values.items()}})
     seeds = [r["seed"] for r in reports]
     result = {"run_dir": str(parent), "seeds": seeds, "rows": mean, "std": std, "runs": reports}
     heading = (f"# {reports[0]['dataset']} / {reports[0]['model']} / {reports[0]['mode']}: {len(reports)} runs "
