@@ -12,6 +12,9 @@ each on its own copy of the network, same batch, device and dtype, synthetic inp
   loss       EDropout with the energy loss (population and trials scored in one batched forward)
   numpy      EDropout with the population step done as the proof of concept did, in NumPy on the host
              (benchmarks/numpy_step.py: a loop over candidates, dense couplings)
+  frozen     after the freeze, masked: a fixed random state keeping --kept of the prunable units applied
+             as masks (how the network trained after the freeze before it was slimmed)
+  pruned     after the freeze, slim: the same state, the network physically slimmed (edropout.prune)
 
 timed in turn (original, ising, loss, numpy, original, ...) after warm-up, each timed iteration after
 --settle untimed ones of the same variant; each variant's ratio is the median over rounds of its time
@@ -20,7 +23,8 @@ population re-scored) comes once every `refresh_every` steps, so the median leav
 its own and spread over its period in "ising ratio with refresh" (ratio + refresh / (period × original)).
 
     python benchmarks/speed.py [--device cpu|cuda] [--models resnet18] [--batch-size 32] [--iters 20]
-                               [--energy ising,loss,numpy] [--json out.json] [--quick] [--profile DIR]
+                               [--energy ising,loss,numpy,frozen,pruned] [--kept 0.4] [--json out.json]
+                               [--quick] [--profile DIR]
                                [--count] [--compile]
 
 --profile DIR also writes, per network and variant, torch.profiler's table of the operators that took
@@ -67,6 +71,7 @@ from timing import describe, environment, make_timer  # noqa: E402
 REFERENCE_RATIO = {"resnet18": 17.21, "resnet34": 25.12, "resnet50": 19.63, "resnet101": 22.56, "alexnet": 28.97,
               "squeezenet1_1": 1.33}
 ENERGIES = ("ising", "loss", "numpy")
+AFTER_FREEZE = ("frozen", "pruned")
 
 
 class NumpyStep:
@@ -105,9 +110,13 @@ class NumpyStep:
         self.steps += 1
 
 
-def make_variant(kind, model):
+def make_variant(kind, model, kept=0.4):
     if kind == "original":
         return None
+    if kind in AFTER_FREEZE:
+        ed = edropout.EDropout(model)
+        ed.freeze(torch.rand(ed.units.num_units, generator=torch.Generator().manual_seed(0)) < kept)
+        return ed
     if kind == "ising":
         return edropout.EDropout(model, energy=IsingEnergy())
     if kind == "loss":
@@ -125,7 +134,9 @@ def bench_model(name, kinds, args, time_it):
     for kind in ("original",) + kinds:
         model = copy.deepcopy(base).train()
         optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.9, eps=1e-6, weight_decay=1e-5)
-        controller = make_variant(kind, model)
+        controller = make_variant(kind, model, args.kept)
+        if kind == "pruned":  # the slim network trains in the masked one's place; nothing else runs
+            model, controller = edropout.prune(controller, optimizer).model, None
         net = torch.compile(model) if args.compile else model  # after EDropout has masked the network
 
         def iteration(net=net, optimizer=optimizer, controller=controller):
@@ -246,7 +257,11 @@ def main(argv=None):
     parser.add_argument("--settle", type=int, default=1,
                         help="untimed iterations before each timed one, so that the variant timed before has "
                              "stopped competing for the cores (default 1)")
-    parser.add_argument("--energy", default=",".join(ENERGIES), help="EDropout variants, from: " + ", ".join(ENERGIES))
+    parser.add_argument("--energy", default=",".join(ENERGIES + AFTER_FREEZE),
+                        help="EDropout variants, from: " + ", ".join(ENERGIES + AFTER_FREEZE))
+    parser.add_argument("--kept", type=float, default=0.4,
+                        help="frozen, pruned: the fraction of the prunable units the state keeps (default 0.4, "
+                             "about what EDropout keeps on Fashion-MNIST)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--quick", action="store_true", help="ResNet-18 and SqueezeNet, batch 4, 3 iterations (smoke)")
     parser.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables per network and variant here")
@@ -257,7 +272,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     models = args.models.split(",")
     kinds = tuple(args.energy.split(","))
-    for given, valid, flag in ((models, MODELS, "--models"), (kinds, ENERGIES, "--energy")):
+    for given, valid, flag in ((models, MODELS, "--models"), (kinds, ENERGIES + AFTER_FREEZE, "--energy")):
         unknown = sorted(set(given) - set(valid))
         if unknown:
             parser.error(f"{flag}: unknown {', '.join(unknown)}; expected some of {', '.join(valid)}")
@@ -275,6 +290,8 @@ def main(argv=None):
     refresh = "ising" in kinds
     columns = "".join(f" {k} ms | {k} ratio |" for k in kinds)
     columns += " ising refresh ms | ising ratio with refresh |" if refresh else ""
+    if set(kinds) & set(AFTER_FREEZE):
+        print(f"# frozen, pruned: a random state keeping {args.kept:g} of the prunable units, masked / slim")
     print(f"| model | D | original ms |{columns} reference ratio (NumPy, RTX) |")
     print("|" + "---|" * (4 + 2 * len(kinds) + 2 * refresh))
     rows = []

@@ -20,13 +20,13 @@ def test_speed_quick(tmp_path):
               "--profile", str(tmp_path / "profile"))
     assert "| resnet18 | 5414 |" in out and "| squeezenet1_1 | 3046 |" in out
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
-    assert all(row["ising_ratio"] > 0 and row["loss_ratio"] > 0 and row["numpy_ratio"] > 0 for row in rows)
+    assert all(row[f"{k}_ratio"] > 0 for row in rows for k in ("ising", "loss", "numpy", "frozen", "pruned"))
     for row in rows:  # the refresh, timed apart, spread over its period
         spread = row["ising_refresh_ms"] / (row["ising_refresh_every"] * row["original_ms"])
         assert row["ising_refresh_ms"] > 0 and row["ising_ratio_with_refresh"] == row["ising_ratio"] + spread
     profiles = sorted(p.name for p in (tmp_path / "profile").iterdir())
     assert profiles == sorted(f"{m}-{k}.txt" for m in ("resnet18", "squeezenet1_1")
-                              for k in ("original", "ising", "loss", "numpy"))
+                              for k in ("original", "ising", "loss", "numpy", "frozen", "pruned"))
     assert "edropout::evolve_step" in (tmp_path / "profile" / "resnet18-ising.txt").read_text()
 
 

@@ -51,6 +51,11 @@ def tiny(monkeypatch):
     models.MODELS, models.INPUT_SIZE, models.build = saved
 
 
+def untimed(rows):
+    """Report rows without the seconds their training took (they differ between two trainings)."""
+    return [{k: v for k, v in row.items() if k != "train_s"} for row in rows]
+
+
 def tiny_config(run_dir, **overrides):
     values = dict(model="tiny", epochs=2, batch_size=32, limit_batches=6, device="cpu", run_dir=str(run_dir))
     values.update(overrides)
@@ -446,7 +451,6 @@ def test_compare_original_trains_the_original_beside(tmp_path, tiny):
                                            "Magnitude (Original, post-hoc)"]
     # the original beside is the original trained alone; the EDropout run is the one trained alone (in all
     # but the seconds it took)
-    untimed = lambda rows: [{k: v for k, v in row.items() if k != "train_s"} for row in rows]  # noqa: E731
     assert untimed(rows[:1]) == untimed(json.loads((original / "report.json").read_text())["rows"][:1])
     assert untimed(rows[1:-1]) == untimed(json.loads((alone / "report.json").read_text())["rows"])
     # (magnitude keeps EDropout's count per layer; R may still differ where a conv channel feeds a Linear input)
@@ -534,6 +538,20 @@ def test_baselines_are_sibling_runs(tmp_path, tiny):
     model, ed = build.build_network(tiny_config(run_dir), 1, 10)
     edropout_state = _state_of(run_dir / "best.pt")
 
+    # costs: inference FLOPs of each row's (slim) network, training cost of the runs that made it
+    by = {r["method"]: r for r in rows}
+    assert 0 < by["EDropout(P)"]["mflops"] < by["EDropout(F)"]["mflops"] == by["Original"]["mflops"]
+    tflops = {name: sum(m["train_flops"] for m in rundir.read_metrics(run_dir / name)) / 1e12
+              for name in ("", "original", "scratch", "finetune")}
+    assert by["EDropout(P)"]["train_tflops"] == pytest.approx(tflops[""])
+    assert by["Random (scratch)"]["train_tflops"] == pytest.approx(tflops["scratch"])
+    assert by["Magnitude + fine-tune"]["train_tflops"] == pytest.approx(tflops["original"] + tflops["finetune"])
+    assert tflops["scratch"] < tflops["original"]  # slim from the first step
+    metrics = rundir.read_metrics(run_dir)
+    frozen_at = next(m["frozen_at"] for m in metrics if m["frozen"])
+    assert frozen_at == {"epoch": 1, "step": 4} and all(m["search_flops"] == 0 for m in metrics[1:])
+    assert metrics[0]["search_flops"] == metrics[0]["train_flops"] > metrics[1]["train_flops"]
+
     # scratch: the same seed and schedule, a random state of EDropout's per-layer widths fixed from the start
     scratch = json.loads((run_dir / "scratch" / "config.json").read_text())
     assert {k: scratch[k] for k in ("seed", "epochs", "lr", "lr_step", "batch_size")} == \
@@ -571,7 +589,7 @@ def test_baselines_are_sibling_runs(tmp_path, tiny):
     (run_dir / "scratch" / "report.json").unlink()
     (run_dir / "scratch" / "last.pt").write_bytes((run_dir / "scratch" / "best.pt").read_bytes())
     runs.train(None, resume=run_dir, quiet=True, print_report=False)
-    assert json.loads((run_dir / "report.json").read_text())["rows"][4] == rows[4]
+    assert untimed(json.loads((run_dir / "report.json").read_text())["rows"][4:5]) == untimed(rows[4:5])
     assert (run_dir / "scratch" / "report.json").is_file()
 
 

@@ -157,8 +157,10 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
             flops = inference_flops(slim(ed.model, ed.state, ed.units), example)
             return _row(name, measure(), percent, kept, flops, cost)
 
-    if config.mode in BASELINES:
-        return [state_row(BASELINES[config.mode], ed.state.cpu().clone(), own)]
+    if config.mode in BASELINES:  # a fine-tuned network cost the Original's training too
+        parent = run_dir.parent
+        cost = _cost(original_path(read_config(parent), parent), run_dir) if config.mode == "finetune" else own
+        return [state_row(BASELINES[config.mode], ed.state.cpu().clone(), cost)]
     label = "EDropout" if config.mode == "edropout" else f"Random({config.p_init:g})"
     rows = {}
     with ed.full():
@@ -216,7 +218,8 @@ def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bo
     calibration = calibration_count(len(splits.train), config.bn_calibration if bn_calibration is None
                                     else bn_calibration)
     metrics = read_metrics(run_dir)
-    best = max(metrics, key=lambda m: m["val_top1"]) if metrics else None
+    epoch = load_checkpoint(run_dir / "best.pt")["epoch"]
+    best = next((m for m in metrics if m["epoch"] == epoch), None)
     result = {"run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "mode": config.mode,
               "seed": config.seed, "epochs": len(metrics), "best_epoch": best["epoch"] if best else None,
               "best_val_top1": best["val_top1"] if best else None, "bn_calibration": calibration, "rows": rows}

@@ -2,8 +2,10 @@
 
     config.json      the TrainConfig of the run (with ``"runs": N``: a directory of N runs, seed-<s>/)
     metrics.jsonl    one line per epoch (see :mod:`edropout.experiments.loop`)
-    last.pt          the state after the last finished epoch (model, optimiser, scheduler, EDropout, RNGs)
-    best.pt          the same at the epoch of the best validation top-1
+    last.pt          the state after the last finished epoch (model, optimiser, EDropout, RNGs)
+    best.pt          the same at the epoch of the best validation top-1 (after the freeze, once frozen)
+    freeze.pt        the state at the moment of the freeze (within its epoch), from which variants of the
+                     pruned phase branch (benchmarks/after_freeze.py)
     report.md/json   the test-set report of best.pt (:mod:`edropout.experiments.report`)
     plots.png        the per-epoch curves (:mod:`edropout.experiments.plots`)
     original/, scratch/, finetune/   sibling runs, each a run directory of its own
