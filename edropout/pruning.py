@@ -17,8 +17,9 @@ and β zeroed; see :mod:`edropout.slim`). Those zeroed entries are held at zero 
 gradient is masked (a tensor hook) and their optimiser state is zero, so a dropped unit never comes back,
 and N steps of the slim network equal N steps of the masked one (up to the order of float sums).
 
-The controller is left as it was: frozen, its masks on ``ed.model``, the full network, whose dropped
-units keep their weights as they were at the freeze. :meth:`PrunedNetwork.write_back` copies the slim
+The controller is left as it was: frozen, its masks on ``ed.model``, the full network, whose removed
+units keep their weights as they were at the freeze (a masked channel's kernel stays in the slim network,
+with zero gradient, and weight decay shrinks it there as it would in the masked network). :meth:`PrunedNetwork.write_back` copies the slim
 network's values into it at the kept entries, so ``ed.model`` is then EDropout(P) with ``ed.pruned()``
 (the same outputs as the slim network in eval mode) and EDropout(F) with ``ed.full()``; a checkpoint of
 ``ed.model`` after ``write_back`` holds both, and ``prune`` of it again gives the same slim network.

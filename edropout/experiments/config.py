@@ -97,10 +97,10 @@ class TrainConfig:
                                           "a quarter of an epoch")
     freeze_by: Optional[int] = _option(None, "the epoch at whose end the state freezes whatever happens; 0: none",
                                        "half of --epochs")
-    lr_after_freeze: str = _option("continue", "the learning rate after the freeze: continue (the schedule goes "
-                                               "on), restart (the schedule replayed from --lr over the steps that "
-                                               "remain, its decays spaced in proportion) or restart-reset (restart, "
-                                               "the optimiser's state reset too)")
+    lr_after_freeze: str = _option("restart", "the learning rate after the freeze: continue (the schedule goes "
+                                              "on), restart (the schedule replayed from --lr over the steps that "
+                                              "remain, its decays spaced in proportion; chosen on validation) or "
+                                              "restart-reset (restart, the optimiser's state reset too)")
     evolution: str = _option("edropout", "the evolution's mutation rule: edropout (the reference "
                                          "implementation's; a converged population keeps exploring) or classic "
                                          "(binary differential evolution)")
