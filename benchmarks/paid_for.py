@@ -27,7 +27,8 @@ def seed_row(run_dir: Path) -> dict:
     return {"seed": config.seed, "original": rows["Original"]["top1"], "P": rows["EDropout(P)"]["top1"],
             "scratch": rows["Random (scratch)"]["top1"], "R": rows["EDropout(P)"]["R"],
             "frozen_step": frozen_at["step"] if frozen_at else None,
-            "flops_ratio": own["train_flops"] / base["train_flops"], "time_ratio": own["train_time"] / base["train_time"],
+            "flops_ratio": own["train_flops"] / base["train_flops"],
+            "time_ratio": own["train_time"] / base["train_time"],
             "time": own["train_time"], "original_time": base["train_time"]}
 
 
@@ -45,14 +46,16 @@ def main(argv=None) -> int:
                      f"{r['P'] - r['scratch']:+.2f} | {r['R']:.2f} | {r['flops_ratio']:.3f} | {r['time_ratio']:.3f} "
                      f"({r['time']:.0f} / {r['original_time']:.0f}) |")
     differences = [r["P"] - r["scratch"] for r in rows]
-    lines.append(f"| mean | | {statistics.mean(r['original'] for r in rows):.2f} | "
-                 f"{statistics.mean(r['P'] for r in rows):.2f} | {statistics.mean(r['scratch'] for r in rows):.2f} | "
-                 f"{statistics.mean(differences):+.2f} | {statistics.mean(r['R'] for r in rows):.2f} | "
-                 f"{statistics.mean(r['flops_ratio'] for r in rows):.3f} | {statistics.mean(r['time_ratio'] for r in rows):.3f} |")
+    mean = {key: statistics.mean(r[key] for r in rows) for key in ("original", "P", "scratch", "R", "flops_ratio",
+                                                                   "time_ratio")}
+    lines.append(f"| mean | | {mean['original']:.2f} | {mean['P']:.2f} | {mean['scratch']:.2f} | "
+                 f"{statistics.mean(differences):+.2f} | {mean['R']:.2f} | {mean['flops_ratio']:.3f} | "
+                 f"{mean['time_ratio']:.3f} |")
     met = {"accuracy (mean P − scratch ≥ 0)": statistics.mean(differences) >= 0,
            "FLOPs (≤ 0.8 per seed)": all(r["flops_ratio"] <= 0.8 for r in rows),
            "time (≤ 0.8 per seed)": all(r["time_ratio"] <= 0.8 for r in rows)}
-    text = "\n".join(lines) + "\n\nTargets: " + "; ".join(f"{k}: {'met' if v else 'missed'}" for k, v in met.items()) + "\n"
+    verdicts = "; ".join(f"{k}: {'met' if v else 'missed'}" for k, v in met.items())
+    text = "\n".join(lines) + f"\n\nTargets: {verdicts}\n"
     print(text)
     if args.out is not None:
         args.out.write_text(text)

@@ -19,10 +19,11 @@ and N steps of the slim network equal N steps of the masked one (up to the order
 
 The controller is left as it was: frozen, its masks on ``ed.model``, the full network, whose removed
 units keep their weights as they were at the freeze (a masked channel's kernel stays in the slim network,
-with zero gradient, and weight decay shrinks it there as it would in the masked network). :meth:`PrunedNetwork.write_back` copies the slim
-network's values into it at the kept entries, so ``ed.model`` is then EDropout(P) with ``ed.pruned()``
-(the same outputs as the slim network in eval mode) and EDropout(F) with ``ed.full()``; a checkpoint of
-``ed.model`` after ``write_back`` holds both, and ``prune`` of it again gives the same slim network.
+with zero gradient, and weight decay shrinks it there as it would in the masked network).
+:meth:`PrunedNetwork.write_back` copies the slim network's values into it at the kept entries, so
+``ed.model`` is then EDropout(P) with ``ed.pruned()`` (the same outputs as the slim network in eval mode)
+and EDropout(F) with ``ed.full()``; a checkpoint of ``ed.model`` after ``write_back`` holds both, and
+``prune`` of it again gives the same slim network.
 
 Several processes: build it on every rank (the ranks hold the same state) before wrapping the slim
 network in a new DistributedDataParallel.

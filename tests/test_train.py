@@ -57,7 +57,9 @@ def untimed(rows):
 
 
 def tiny_config(run_dir, **overrides):
-    values = dict(model="tiny", epochs=2, batch_size=32, limit_batches=6, device="cpu", run_dir=str(run_dir))
+    # the deadline alone freezes (settle_distance 0) unless a test asks for the settling rule
+    values = dict(model="tiny", epochs=2, batch_size=32, limit_batches=6, settle_distance=0.0, device="cpu",
+                  run_dir=str(run_dir))
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -174,6 +176,25 @@ train(TrainConfig(**{asdict(config)!r}), quiet=True)
         _assert_same(a[key], b[key], key)
     strip = lambda ms: [{k: v for k, v in m.items() if "time" not in k} for m in ms]  # noqa: E731
     assert strip(rundir.read_metrics(killed)) == strip(rundir.read_metrics(straight))
+
+
+def test_variants_branched_from_the_freeze_equal_runs_trained_straight(tmp_path, tiny):
+    """A run that settled within an epoch writes freeze.pt there; benchmarks/after_freeze.py trains each other
+    learning rate after the freeze from it, and gets what a run with that setting trained straight gets."""
+    settle = dict(epochs=3, limit_batches=6, lr_step=1, settle_distance=1.0, settle_every=2, freeze_by=0)  # step 10
+    branched = runs.train(tiny_config(tmp_path / "runs", lr_after_freeze="continue", **settle), quiet=True)
+    straight = runs.train(tiny_config(tmp_path / "straight", lr_after_freeze="restart", **settle), quiet=True)
+    freeze = torch.load(branched / "freeze.pt", weights_only=True)
+    assert freeze["partial"]["steps_done"] == 4 and freeze["epoch"] == 1  # 10 steps: epoch 2, its 4th step
+    assert load_benchmark("after_freeze").main([str(branched), "--candidates", "continue,restart"]) == 0
+    a, b = _states(branched / "after-freeze" / "restart" / "runs"), _states(straight)
+    for key in ("model", "optimizer", "edropout", "rng", "best_top1"):
+        _assert_same(a[key], b[key], key)
+    strip = lambda ms: [{k: v for k, v in m.items() if "time" not in k} for m in ms]  # noqa: E731
+    assert strip(rundir.read_metrics(branched / "after-freeze" / "restart" / "runs")) == \
+        strip(rundir.read_metrics(straight))
+    frozen_at = [m["frozen_at"] for m in rundir.read_metrics(straight)]
+    assert frozen_at == [None, {"epoch": 1, "step": 10}, {"epoch": 1, "step": 10}]
 
 
 def test_atomic_checkpoint_write(tmp_path, monkeypatch):
@@ -736,7 +757,7 @@ def test_digits_run_explores_then_freezes_by_the_deadline(tmp_path, applied):
     """The default schedule on digits, 8 epochs (issue 14's targets): until the deadline (epoch 4) the
     population stays diverse and the applied state changes in every epoch, at least 95 % of the units are
     tried, then the state freezes; with the best state applied (the default) as with a drawn member."""
-    result = cli("train", "--epochs", "8", "--applied", applied, "--device", "cpu",
+    result = cli("train", "--epochs", "8", "--applied", applied, "--settle-distance", "0", "--device", "cpu",
                  "--run-dir", str(tmp_path / "run"), "--quiet", timeout=600)  # ~100 s on 2 idle cores
     assert result.returncode == 0, result.stderr
     metrics = rundir.read_metrics(tmp_path / "run")

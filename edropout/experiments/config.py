@@ -89,10 +89,10 @@ class TrainConfig:
     refresh_every: int = _option(10, "ising: steps between two refreshes of its fields and couplings")
     keep_rate: Optional[float] = _option(None, "every state keeps this fraction of the prunable units, in (0, 1]",
                                          "none, the energy decides")
-    settle_distance: float = _option(0.0, "the state freezes once settled: the newest of the last 5 applied "
+    settle_distance: float = _option(0.2, "the state freezes once settled: the newest of the last 5 applied "
                                           "states (recorded every --settle-every steps) differs from each of the "
-                                          "others in at most this fraction of the units, in [0, 1]; 0: never "
-                                          "settles (the deadline decides)")
+                                          "others in at most this fraction of the units, in [0, 1] (chosen on "
+                                          "validation); 0: never settles (the deadline decides)")
     settle_every: Optional[int] = _option(None, "steps between two recorded states of --settle-distance",
                                           "a quarter of an epoch")
     freeze_by: Optional[int] = _option(None, "the epoch at whose end the state freezes whatever happens; 0: none",
