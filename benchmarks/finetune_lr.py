@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edropout.experiments import build, config as configs, loop, rundir
+from edropout.experiments import build, config as configs, kinds, loop, rundir
 
 
 def main(argv=None) -> int:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
              f"learning rate, {configs.finetune_epochs(config)} epoch(s) each.", "",
              "| lr | best val top-1 % | last val top-1 % |", "|---:|---:|---:|"]
     for lr in lrs:
-        sub = configs.sibling_config(replace(config, finetune_lr=lr), args.run_dir, "finetune")
+        sub = kinds.sibling_config(replace(config, finetune_lr=lr), args.run_dir, "finetune")
         sub.run_dir = str(args.run_dir / f"finetune-lr{lr:g}")
         run_dir = Path(sub.run_dir)
         if not (run_dir / "config.json").is_file():  # else kept or resumed

@@ -3,7 +3,7 @@
 The library: ``ops`` (the kernels) and ``reference`` (their plain-PyTorch references); ``units`` (a
 network's prunable units), ``graph`` (how channels flow), ``masks`` (applying a state); ``energies`` and
 ``criteria`` (scoring or choosing states); ``controller`` (``EDropout``, the object a training loop
-touches); ``slim`` (a state made physical); ``distributed``; ``models`` (the paper's networks). The
+touches); ``earlybird`` (Early-Bird tickets, a control that drives the controller); ``slim`` (a state made physical); ``distributed``; ``models`` (the paper's networks). The
 experiment harness, the ``edropout`` command, lives apart in :mod:`edropout.experiments`.
 """
 
@@ -12,6 +12,7 @@ import torch  # noqa: F401  (loads libtorch, which the kernels link against)
 from . import _C  # noqa: F401  (registers the torch.ops.edropout kernels)
 from . import criteria, energies, ops, reference
 from .controller import EDropout
+from .earlybird import EarlyBird
 from .energies import EnergyLoss, IsingEnergy
 from .freezing import FreezeRule
 from .pruning import PrunedNetwork, prune
@@ -21,5 +22,5 @@ from .units import Layer, PrunableUnits, prunable_units
 
 __all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "energies", "criteria", "ops", "reference", "prunable_units",
            "PrunableUnits", "Layer", "slim", "kept_parameters", "load_slim", "save_slim", "prune", "PrunedNetwork",
-           "FreezeRule"]
+           "FreezeRule", "EarlyBird"]
 __version__ = "0.1.0"

@@ -174,11 +174,11 @@ class EDropout:
         if self.freeze_rule.settled(self.steps, self.masks.mask, self.prunable):
             self.freeze()
 
-    def end_epoch(self) -> None:
-        """Count an epoch; freeze at the rule's deadline."""
+    def end_epoch(self, state: Optional[Tensor] = None) -> None:
+        """Count an epoch; freeze at the rule's deadline (the best state, or ``state`` when given)."""
         self.epoch += 1
         if not self.frozen and self.freeze_rule.due(self.epoch):
-            self.freeze()
+            self.freeze(state)
 
     def freeze(self, state: Optional[Tensor] = None) -> None:
         """Freeze the best state, or ``state`` (bool or uint8 [D]; the always-kept units kept) when given:

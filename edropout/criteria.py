@@ -7,18 +7,26 @@ outputs are always kept. One small class per criterion, as Torch-Pruning's impor
     Magnitude()      the units of largest kernel L2 norm (magnitude pruning)
     Random(seed)     units drawn at random (a random state of the same widths, trained from scratch)
 
+``Uniform(seed).state(model, units, params)`` instead keeps the same fraction of every layer (drawn at
+random), the fraction set so that the kept parameters come closest to ``params`` (the uniform-width control
+of Liu et al., ICLR 2019: whether a pruning method's per-layer widths are worth anything).
+:func:`matching_parameters` is how such a state is matched to a parameter count.
+
 Per layer, because kernel norms of different layers are not comparable (a conv kernel has 9·C weights, a
 Linear column one per class): ranked over the whole network, the classifier's inputs would go first.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
+from .slim import kept_parameters
 from .units import Layer, PrunableUnits
 
-__all__ = ["Criterion", "Magnitude", "Random"]
+__all__ = ["Criterion", "Magnitude", "Random", "Uniform", "matching_parameters"]
 
 
 class Criterion:
@@ -71,3 +79,43 @@ class Random(Criterion):
         order = torch.randperm(prunable.numel(), generator=torch.Generator().manual_seed(self.seed))
         kept[prunable[order[: round(percent / 100.0 * prunable.numel())]]] = True
         return kept
+
+
+def matching_parameters(model, units: PrunableUnits, states: Callable[[int], Tensor], count: int,
+                        params: int) -> Tensor:
+    """The state ``states(i)``, i in 0..``count``, whose kept parameters #p
+    (:func:`edropout.kept_parameters`) come closest to ``params``; #p must not shrink as i grows (a
+    bisection: about log2(count) + 2 counts)."""
+    kept = lambda i: kept_parameters(model, states(i), units)[1]  # noqa: E731
+    low, high = 0, count
+    while low < high:  # the smallest i with #p >= params
+        middle = (low + high) // 2
+        if kept(middle) >= params:
+            high = middle
+        else:
+            low = middle + 1
+    return states(min((i for i in (low - 1, low) if 0 <= i), key=lambda i: abs(kept(i) - params)))
+
+
+class Uniform:
+    """The same fraction of the units kept in every prunable layer (at least one), drawn at random (from
+    ``seed``; a larger fraction keeps a superset), the fraction (to 1/1000) set so that the kept parameters
+    come closest to ``params``."""
+
+    STEPS = 1000
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def state(self, model, units: PrunableUnits, params: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        layers = [(layer, torch.randperm(layer.size, generator=generator)) for layer in units if not layer.always_kept]
+
+        def keeping(step: int) -> Tensor:
+            state = units.always_kept()
+            for layer, order in layers:
+                state[layer.start + order[: max(1, round(step * layer.size / self.STEPS))]] = True
+            return state
+
+        return matching_parameters(model, units, keeping, self.STEPS, params)
+

@@ -16,7 +16,8 @@ from ..controller import EDropout
 from ..energies import EnergyLoss, IsingEnergy
 from . import data
 from .config import RunError, TrainConfig, check_config, first_lr, freeze_rule
-from .rundir import load_checkpoint, read_config
+from .kinds import KINDS
+from .rundir import load_checkpoint, read_config, restore  # noqa: F401  (restore: part of this module's use)
 
 
 def load_data(config: TrainConfig) -> data.Splits:
@@ -29,20 +30,18 @@ def load_data(config: TrainConfig) -> data.Splits:
 
 def build_network(config: TrainConfig, in_channels: int, num_classes: int, device=None, train_size: int = 0):
     """The network (initialised from ``seed``) on ``device`` (default ``config.device``) and its EDropout
-    controller (None for mode original); ``train_size``: training samples (an epoch's steps set how often
+    controller (None for a kind without one: original); its state as built (a kind's ``start`` sets its own); ``train_size``: training samples (an epoch's steps set how often
     the freeze rule records the state; 0 for a network that is not trained on)."""
     torch.manual_seed(config.seed)
     model = models.build(config.model, in_channels, num_classes).to(config.device if device is None else device)
-    if config.mode == "original":
+    kind = KINDS[config.mode]
+    if not kind.controller:
         return model, None
     energy = EnergyLoss() if config.energy == "loss" else IsingEnergy(refresh_every=config.refresh_every)
     ed = EDropout(model, energy=energy, population=config.population, p_init=config.p_init,
                   mutation=config.mutation, rule=config.evolution, applied=config.applied,
-                  keep_rate=config.keep_rate if config.mode == "edropout" else None,
+                  keep_rate=config.keep_rate if kind.search == "edropout" else None,
                   freeze=freeze_rule(config, train_size), seed=config.seed)
-    if config.mode == "random":  # a random state, fixed from the start: pruning at initialisation
-        generator = torch.Generator().manual_seed(config.seed)
-        ed.freeze(torch.rand(ed.units.num_units, generator=generator) < config.p_init)
     return model, ed
 
 
@@ -90,21 +89,6 @@ def epoch_loader(dataset, config: TrainConfig, epoch: int) -> DataLoader:
                                  drop_last=False)
     sampler.set_epoch(epoch)
     return DataLoader(dataset, batch_size=config.batch_size // world, sampler=sampler, num_workers=config.num_workers)
-
-
-def restore(checkpoint: dict, model, ed, optimizer=None, path="checkpoint") -> None:
-    """Load a checkpoint's states into those given (not None); RunError (one line) when they do not fit."""
-    try:
-        if model is not None:
-            model.load_state_dict(checkpoint["model"])
-        if ed is not None:
-            if checkpoint.get("edropout") is None:
-                raise ValueError("no EDropout state")
-            ed.load_state_dict(checkpoint["edropout"])
-        if optimizer is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{path}: does not fit the network of config.json ({distributed.first_line(e)})") from None
 
 
 def open_run(run_dir, device: Optional[str] = None, name: str = "best.pt"

@@ -7,9 +7,9 @@ schedule (its reference implementation's); the command starts from a small sched
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -18,9 +18,6 @@ from ..controller import APPLIED, check_arguments
 from ..freezing import FreezeRule
 from . import data
 
-MODES = ("edropout", "original", "random", "scratch", "finetune")  # the last two: baselines of an edropout run
-# The baselines, sibling runs of an EDropout run in <run_dir>/<name>, and their rows in the report
-BASELINES = {"scratch": "Random (scratch)", "finetune": "Magnitude + fine-tune"}
 # What an Original run must share with the run it is compared with (--original-dir)
 SAME_SCHEDULE = ("dataset", "model", "optimizer", "lr", "rho", "eps", "momentum", "weight_decay", "lr_step",
                  "lr_gamma", "batch_size", "epochs", "seed", "limit_batches")
@@ -56,7 +53,8 @@ class TrainConfig:
     download: bool = _option(False, "download missing torchvision data sets into --data-root")
     model: str = _option("resnet18", _one_of(models.MODELS))
     mode: str = _option("edropout", "edropout, original (no EDropout) or random (a random state keeping --p-init "
-                                    "of the units, fixed from the start)")
+                                    "of the units, fixed from the start); a baseline's name is the mode of its "
+                                    "sibling run")
     compare_original: bool = _option(False, "also train mode original with the same seed and schedule in "
                                              "RUN_DIR/original; the report adds Original and Magnitude (Original, "
                                              "post-hoc)")
@@ -64,10 +62,12 @@ class TrainConfig:
                                                 "network, seed and schedule; with --runs, a directory of them, "
                                                 "seed-<s>/) instead of training one in RUN_DIR/original; implies "
                                                 "--compare-original", "none")
-    baselines: str = _option("", "comma-separated sibling runs in RUN_DIR/<name>: scratch (a random state of "
-                                 "EDropout's per-layer widths, trained from scratch) and finetune (the Original "
-                                 "pruned by magnitude to those widths, then fine-tuned; implies --compare-original)",
-                             "none")
+    baselines: str = _option("", "comma-separated sibling runs in RUN_DIR/<name>, each against EDropout(P)'s "
+                                 "state: scratch (its per-layer widths, random units, from scratch), uniform (the "
+                                 "same fraction of every layer, its #p matched, from scratch), finetune and rewind "
+                                 "(the Original pruned by magnitude to its widths, fine-tuned at a small rate or "
+                                 "retrained with the schedule restarted as after its freeze; both imply "
+                                 "--compare-original), earlybird (Early-Bird's ticket, its #p matched)", "none")
     finetune_epochs: Optional[int] = _option(None, "baseline finetune: epochs of fine-tuning",
                                              "a fifth of --epochs, at least 1")
     finetune_lr: Optional[float] = _option(None, "baseline finetune: its constant learning rate",
@@ -121,7 +121,9 @@ class TrainConfig:
                                      "before it fails")
 
     def __post_init__(self):
-        if "finetune" in baseline_names(self) or self.original_dir is not None:  # both need the Original
+        from .kinds import KINDS, baseline_names  # the kinds of run build on this module
+        if self.original_dir is not None or any(KINDS[name].from_original for name in baseline_names(self)
+                                                if name in KINDS):
             self.compare_original = True
 
     @classmethod
@@ -143,14 +145,6 @@ def help_text(name: str) -> str:
     if name in SMALL:
         shown = f"{SMALL[name]}; the paper's schedule {f.default}"
     return f"{f.metadata['help']} (default {shown})"
-
-
-def baseline_names(config: TrainConfig) -> List[str]:
-    """The baselines of ``config`` in the order they are trained: scratch, then finetune."""
-    if not isinstance(config.baselines, str):
-        return []
-    names = [name.strip() for name in config.baselines.split(",") if name.strip()]
-    return sorted(set(names), key=lambda name: (list(BASELINES) + [name]).index(name))
 
 
 def freeze_by(config: TrainConfig) -> Optional[int]:
@@ -177,7 +171,8 @@ def _positive_int(value) -> bool:
 
 def check_config(config: TrainConfig) -> None:
     """Raise RunError (one line) for a configuration that cannot run."""
-    for name, choices in (("dataset", data.DATASETS), ("model", models.MODELS), ("mode", MODES),
+    from .kinds import BASELINES, KINDS, baseline_names  # the kinds of run build on this module
+    for name, choices in (("dataset", data.DATASETS), ("model", models.MODELS), ("mode", tuple(KINDS)),
                           ("optimizer", OPTIMIZERS), ("energy", ENERGIES), ("evolution", ops.RULES),
                           ("applied", APPLIED), ("lr_after_freeze", LR_AFTER_FREEZE)):
         if getattr(config, name) not in choices:
@@ -190,7 +185,8 @@ def check_config(config: TrainConfig) -> None:
     if baseline_names(config) and config.mode != "edropout":
         raise RunError(f"baselines need mode edropout (they are measured against its state); got mode {config.mode!r}")
     if config.compare_original and config.mode not in ("edropout", "random"):
-        raise RunError("compare_original, original_dir and the finetune baseline need mode edropout or random")
+        raise RunError("compare_original, original_dir and the finetune and rewind baselines need mode edropout or "
+                       "random")
     if config.finetune_epochs is not None and not _positive_int(config.finetune_epochs):
         raise RunError(f"finetune_epochs must be a positive integer or None; got {config.finetune_epochs!r}")
     check_bn_calibration(config.bn_calibration)
@@ -234,16 +230,6 @@ def check_config(config: TrainConfig) -> None:
 def check_bn_calibration(images) -> None:
     if isinstance(images, bool) or not isinstance(images, int) or images < 0:
         raise RunError(f"bn_calibration must be a number of images >= 0; got {images!r}")
-
-
-def sibling_config(config: TrainConfig, run_dir: Path, name: str) -> TrainConfig:
-    """The config of sibling run ``name`` (original, scratch or finetune) of ``config``'s run in ``run_dir``."""
-    values = {**asdict(config), "mode": name, "compare_original": False, "original_dir": None, "baselines": "",
-              "run_dir": str(Path(run_dir) / name)}
-    if name == "finetune":  # a constant learning rate for finetune_epochs
-        epochs = finetune_epochs(config)
-        values.update(epochs=epochs, lr=finetune_lr(config), lr_step=epochs)
-    return TrainConfig.from_dict(values)
 
 
 def finetune_epochs(config: TrainConfig) -> int:

@@ -1,9 +1,9 @@
 """The training loop of one run: ``train_loop(config, run_dir, splits, device, quiet)``.
 
-Read top to bottom: the network, its controller and optimiser (from last.pt when the run is resumed, from
-the EDropout run's state for a baseline), then one loop over epochs: train (a step of the optimiser, then
-one of EDropout), let the controller end its epoch (it may freeze), validate, write the metrics and the
-checkpoints. Each epoch is one line of metrics.jsonl:
+Read top to bottom: the network, its controller and optimiser (from last.pt when the run is resumed, else
+as its kind starts: :mod:`edropout.experiments.kinds`), then one loop over epochs: train (a step of the
+optimiser, then one of the search while it runs), let the search end its epoch (it may freeze), validate,
+write the metrics and the checkpoints. Each epoch is one line of metrics.jsonl:
 
     epoch, train_loss, train_top1, val_loss, val_top1, lr (at the epoch's first step), time (seconds)
     train_time, train_flops    the training steps' seconds and FLOPs (validation and checkpoints apart)
@@ -44,14 +44,14 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..controller import EDropout
-from ..criteria import Magnitude, Random
+from ..earlybird import batchnorm_l1_
 from ..pruning import PrunedNetwork, prune
 from . import data
-from .build import build_network, build_optimizer, epoch_loader, learning_rate, restore
-from .config import BASELINES, RunError, TrainConfig, steps_per_epoch
+from .build import build_network, build_optimizer, epoch_loader, learning_rate
+from .config import TrainConfig, steps_per_epoch
 from .costs import counting
-from .rundir import (load_checkpoint, original_path, read_config, read_metrics, rng_states, save_checkpoint,
-                     set_rng_states, write_metrics)
+from .kinds import KINDS
+from .rundir import load_checkpoint, read_metrics, restore, rng_states, save_checkpoint, set_rng_states, write_metrics
 
 
 def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: torch.device, quiet: bool) -> None:
@@ -61,6 +61,7 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
     checkpoint = load_checkpoint(run_dir / "last.pt", device) if (run_dir / "last.pt").exists() else None
     val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
     epoch_steps = steps_per_epoch(config, len(splits.train))
+    kind = KINDS[config.mode]
     model, ed = build_network(config, splits.in_channels, splits.num_classes, device, len(splits.train))
     optimizer = build_optimizer(config, model)
     meta = {"in_channels": splits.in_channels, "num_classes": splits.num_classes, "config": asdict(config)}
@@ -71,8 +72,11 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         set_rng_states(checkpoint["rng"])
         start_epoch, best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
         partial = checkpoint.get("partial")  # freeze.pt: the moment of the freeze, within an epoch
-    elif config.mode in BASELINES:
-        start_baseline(config, run_dir, model, ed, optimizer, device)
+    else:  # rewind begins where EDropout's pruned phase began, the others at the first step
+        start_epoch, steps_done = divmod(kind.start(config, run_dir, model, ed, optimizer, device, epoch_steps),
+                                         epoch_steps)
+        partial = {"steps_done": steps_done} if steps_done else None
+    search = kind.searcher(config, run_dir, ed, device) if kind.search is not None and not ed.frozen else None
     if ed is not None and ed.frozen:  # a fixed state from the start (random, baselines), or resumed after the freeze
         pruned = start_pruned(config, ed, optimizer)
         if checkpoint is not None and checkpoint.get("pruned"):
@@ -103,18 +107,18 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
                    disable=True if quiet or not rank0 else None)
         # the epoch's sums: its training loss and accuracy, and the cost of its training steps alone (data,
         # forward, backward, update, search; not validation or checkpoints)
-        sums = partial or {"loss_sum": 0.0, "correct": 0, "seen": 0, "lr": None, "train_time": 0.0, "train_flops": 0,
-                           "search_time": 0.0, "search_flops": 0, "frozen_before": ed is not None and ed.frozen,
-                           "changes_before": int(ed.changes) if ed is not None else 0,
-                           "checks_before": len(ed.freeze_rule.distances) if ed is not None else 0}
+        sums = {"loss_sum": 0.0, "correct": 0, "seen": 0, "lr": None, "train_time": 0.0, "train_flops": 0,
+                "search_time": 0.0, "search_flops": 0, "frozen_before": ed is not None and ed.frozen,
+                "changes_before": int(ed.changes) if ed is not None else 0,
+                "checks_before": len(ed.freeze_rule.distances) if ed is not None else 0, **(partial or {})}
         skip, partial = sums.pop("steps_done", 0), None
         tick = time.perf_counter()
         for i, (inputs, targets) in enumerate(bar):
             if i == total:
                 break
-            if i < skip:  # resumed from freeze.pt: these steps ran before the freeze
+            if i < skip:  # resumed from freeze.pt (or rewind): these steps ran before the freeze
                 continue
-            searching = ed is not None and not ed.frozen
+            searching = search is not None and not ed.frozen
             frozen_at = ed.frozen_at["step"] if ed is not None and ed.frozen_at is not None else None
             step_lr = learning_rate(config, epoch * epoch_steps + i, epoch_steps, frozen_at)
             for group in optimizer.param_groups:
@@ -129,11 +133,13 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
                 loss.backward()
             if known is None:
                 known = forward_backward_flops[(searching, targets.numel())] = counter.get_total_flops()
+            if kind.batchnorm_l1:
+                batchnorm_l1_(pruned.model if pruned is not None else model, kind.batchnorm_l1)
             optimizer.step()
             flops = known
             if searching:
                 with counting() as counter:
-                    ed.step(inputs, targets)
+                    search.step(inputs, targets)
                 flops += counter.get_total_flops()
             sums["loss_sum"] += loss.item() * targets.numel()
             sums["correct"] += int((logits.argmax(1) == targets).sum())
@@ -154,7 +160,7 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
             if not bar.disable:  # quiet, or not rank 0: no population statistics (each one a device sync)
                 postfix = {"loss": f"{sums['loss_sum'] / sums['seen']:.3f}",
                            "acc": f"{100.0 * sums['correct'] / sums['seen']:.1f}"}
-                if ed is not None and not ed.frozen:
+                if kind.search == "edropout" and not ed.frozen:
                     s = ed.stats()
                     postfix.update(E_best=f"{s['best_energy']:.3g}", E_mean=f"{s['mean_energy']:.3g}",
                                    kept=f"{s['kept']:.3f}", changes=s["changes"] - sums["changes_before"],
@@ -162,18 +168,18 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
                 bar.set_postfix(postfix)
             tick = time.perf_counter()
         bar.close()
-        if ed is not None and not ed.frozen and ed.freeze_rule.due(ed.epoch + 1):
+        if search is not None and not ed.frozen and ed.freeze_rule.due(ed.epoch + 1):
             save_freeze(epoch, total, sums)  # the deadline: the state freezes as this epoch ends
         if ed is not None:
             tick = time.perf_counter()
-            ed.end_epoch()  # may freeze the state at the deadline (applied "sample": the best one is applied)
+            (search or ed).end_epoch()  # may freeze the state at the deadline
             if ed.frozen and pruned is None:
                 pruned = start_pruned(config, ed, optimizer)
                 net = wrapped(pruned.model, device)
                 sums["train_time"] += time.perf_counter() - tick
         loss_sum, correct, seen = sums["loss_sum"], sums["correct"], sums["seen"]
         changes_before, checks_before = sums["changes_before"], sums["checks_before"]
-        dynamics = population_stats(ed, changes_before, search=config.mode == "edropout")
+        dynamics = population_stats(ed, changes_before, search=kind.search == "edropout")
         if several:  # the epoch's training loss and accuracy over every rank's samples
             totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
             loss_sum, correct, seen = distributed.sum_across_ranks_(totals).tolist()
@@ -272,30 +278,3 @@ def dynamics_text(record: dict) -> str:
         return ""
     return (f" | state changes {record['best_changes']}, diversity {record['diversity']:.3f}, "
             f"ever kept {record['ever_kept']:.3f}")
-
-
-def start_baseline(config: TrainConfig, run_dir: Path, model, ed: EDropout, optimizer, device) -> None:
-    """The start of baseline ``config.mode`` in <parent>/<mode>: a fixed state from the EDropout run of the
-    parent folder (the state of its best.pt, reported as EDropout(P)), frozen from the first step.
-
-    scratch: in each layer as many units as that state keeps, chosen at random (``seed``); the weights of a
-    fresh network. finetune: the Original's best.pt (weights, BatchNorm statistics and optimiser state), in
-    each layer the units of largest kernel norm, as many as that state keeps."""
-    parent = Path(run_dir).parent
-    parent_config = read_config(parent)
-    if parent_config.mode != "edropout":
-        raise RunError(f"{run_dir}: a {config.mode} baseline belongs in the folder of an edropout run; "
-                       f"{parent} is a run of mode {parent_config.mode!r}")
-    reference = load_checkpoint(parent / "best.pt", device)
-    if reference.get("edropout") is None:
-        raise RunError(f"{parent / 'best.pt'}: no EDropout state")
-    state = reference["edropout"]["mask"].cpu().bool()
-    if state.numel() != ed.units.num_units:
-        raise RunError(f"{parent / 'best.pt'}: a state of {state.numel()} units, this network has {ed.units.num_units}")
-    if config.mode == "scratch":
-        state = Random(config.seed).state(ed.units, state)
-    else:
-        original = original_path(parent_config, parent) / "best.pt"
-        restore(load_checkpoint(original, device), model, None, optimizer, path=original)
-        state = Magnitude().state(ed.units, state)
-    ed.freeze(state)

@@ -1,4 +1,5 @@
-"""plots.png of a run: its metrics.jsonl, epoch by epoch."""
+"""A run's figures: plots.png (its metrics.jsonl, epoch by epoch) and compare.png (its report's rows: accuracy
+against cost)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,39 @@ def plot(run_dir) -> Optional[Path]:
     atomic_write_bytes(run_dir / "plots.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return run_dir / "plots.png"
+
+
+def compare(run_dir, result: dict) -> Optional[Path]:
+    """compare.png: the test top-1 of each row of a report (``result``, report.json's content) against the
+    training time and FLOPs of the runs that made it and against R, with ± std over seeds when the report
+    has them (an aggregate). Post-hoc rows (a state chosen afterwards, nothing trained for it) are left out:
+    they are in the table. None without matplotlib or without a row to show."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    std = result.get("std") or [{} for _ in result["rows"]]
+    shown = [(row, spread) for row, spread in zip(result["rows"], std) if "post-hoc" not in row["method"]]
+    if not shown:
+        return None
+    run_dir = Path(run_dir)
+    value = lambda row, key: np.nan if row.get(key) is None else row[key]  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), sharey=True)
+    for ax, key, title in ((axes[0], "train_s", "training time (s)"), (axes[1], "train_tflops", "training TFLOPs"),
+                           (axes[2], "R", "R: % of the parameters kept")):
+        for i, (row, spread) in enumerate(shown):
+            ax.errorbar(value(row, key), value(row, "top1"), xerr=value(spread, key) if spread else None,
+                        yerr=value(spread, "top1") if spread else None, fmt="o", color=f"C{i % 10}", capsize=3,
+                        label=row["method"])
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test top-1 %")
+    seeds = f", mean ± std over {len(result['seeds'])} seeds" if result.get("seeds") else ""
+    fig.suptitle(f"{run_dir.name}: each network's test top-1 against what it cost{seeds}")
+    axes[2].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    atomic_write_bytes(run_dir / "compare.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return run_dir / "compare.png"

@@ -2,9 +2,9 @@
 
 Rows of an EDropout run: EDropout(F) (every unit) and EDropout(P) (its frozen state); Random 25/50/75%
 and Magnitude (post-hoc: a state chosen by a criterion, nothing trained again); with the Original run,
-Original and Magnitude (Original, post-hoc); with the baselines, Random (scratch) and Magnitude + fine-tune
-(each its own run's weights and state). R is the percentage of trainable parameters that still act, #p
-their number (:func:`edropout.slim.kept_parameters`). Before each row BatchNorm statistics are re-estimated
+Original and Magnitude (Original, post-hoc); with the baselines, each one's row (its own run's weights and
+state; :mod:`edropout.experiments.kinds`). R is the percentage of trainable parameters that still act, #p
+their number (:func:`edropout.slim.kept_parameters`), units % the prunable units kept. Before each row BatchNorm statistics are re-estimated
 on training images with that row's state (``calibrated_batchnorm``). ``aggregate`` gives mean ± std over
 the runs of several seeds.
 """
@@ -24,15 +24,18 @@ from ..controller import EDropout
 from ..criteria import Magnitude, Random
 from ..slim import kept_parameters, slim
 from . import data
-from .build import load_data, open_run, restore
-from .config import BASELINES, RunError, baseline_names, check_bn_calibration
+from .build import load_data, open_run
+from .config import RunError, check_bn_calibration
 from .costs import inference_flops, run_cost
+from .kinds import BASELINES, KINDS, baseline_names
 from .loop import evaluate
-from .rundir import load_checkpoint, original_path, read_config, read_metrics, seed_dirs, write_text
+from .plots import compare
+from .rundir import load_checkpoint, original_path, read_config, read_metrics, restore, seed_dirs, write_text
 
 RANDOM_KEPT = (25, 50, 75)  # the random-pruning rows of the report: % of prunable units kept
 COLUMNS = (("loss", "loss", "{:.4f}"), ("top1", "top-1 %", "{:.2f}"), ("top3", "top-3 %", "{:.2f}"),
            ("top5", "top-5 %", "{:.2f}"), ("R", "R %", "{:.2f}"), ("params", "#p", "{:,.0f}"),
+           ("units", "units %", "{:.1f}"),
            ("mflops", "MFLOPs/img", "{:,.1f}"), ("train_s", "train s", "{:,.0f}"),
            ("train_tflops", "train TFLOPs", "{:,.1f}"))
 
@@ -98,11 +101,11 @@ def calibrated_batchnorm(model: nn.Module, dataset, images: int, device, ed: Opt
         model.train(was_training)
 
 
-def _row(name: str, metrics: dict, percent: float, params: int, flops: int, cost: dict) -> dict:
-    """A report row: test metrics, R and #p, inference FLOPs of its network per image, and the training cost
-    (steps only) of the runs that produced it."""
+def _row(name: str, metrics: dict, percent: float, params: int, units: float, flops: int, cost: dict) -> dict:
+    """A report row: test metrics, R, #p and the % of prunable units kept, inference FLOPs of its network per
+    image, and the training cost (steps only) of the runs that produced it."""
     return {"method": name, "loss": metrics["loss"], "top1": metrics["top1"], "top3": metrics["top3"],
-            "top5": metrics["top5"], "R": percent, "params": params, "mflops": flops / 1e6,
+            "top5": metrics["top5"], "R": percent, "params": params, "units": units, "mflops": flops / 1e6,
             "train_s": _number(cost["train_time"]), "train_tflops": _number(cost["train_flops"] / 1e12)}
 
 
@@ -149,25 +152,28 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
             return evaluate(model, loader, device)
 
     if ed is None:
-        return [_row("Original", measure(), 100.0, total, full_flops, own)]
+        return [_row("Original", measure(), 100.0, total, 100.0, full_flops, own)]
+    prunable = ~ed.units.always_kept()
 
     def state_row(name, state, cost):
         with ed.applying(state):
             percent, kept = kept_parameters(ed.model, ed.state, ed.units)
+            units = 100.0 * float((ed.state.cpu().bool() & prunable).sum()) / max(1, int(prunable.sum()))
             flops = inference_flops(slim(ed.model, ed.state, ed.units), example)
-            return _row(name, measure(), percent, kept, flops, cost)
+            return _row(name, measure(), percent, kept, units, flops, cost)
 
-    if config.mode in BASELINES:  # a fine-tuned network cost the Original's training too
+    kind = KINDS[config.mode]
+    if kind.row is not None:  # a baseline; one from the Original cost the Original's training too
         parent = run_dir.parent
-        cost = _cost(original_path(read_config(parent), parent), run_dir) if config.mode == "finetune" else own
-        return [state_row(BASELINES[config.mode], ed.state.cpu().clone(), cost)]
-    label = "EDropout" if config.mode == "edropout" else f"Random({config.p_init:g})"
+        cost = _cost(original_path(read_config(parent), parent), run_dir) if kind.from_original else own
+        return [state_row(kind.row, ed.state.cpu().clone(), cost)]
+    label = kind.label.format(p_init=config.p_init)
     rows = {}
     with ed.full():
-        rows[f"{label}(F)"] = _row(f"{label}(F)", measure(), 100.0, total, full_flops, own)
+        rows[f"{label}(F)"] = _row(f"{label}(F)", measure(), 100.0, total, 100.0, full_flops, own)
     state = ed.state.cpu().clone()
     rows[f"{label}(P)"] = state_row(f"{label}(P)", state, own)
-    if config.mode == "edropout":
+    if kind.search == "edropout":  # states chosen afterwards from its network
         for percent in RANDOM_KEPT:
             name = f"Random {percent}% (post-hoc)"
             rows[name] = state_row(name, Random(config.seed).fraction(ed.units, percent), own)
@@ -176,13 +182,13 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
     if original is not None:
         restore(load_checkpoint(original / "best.pt", config.device), model, None, path=original / "best.pt")
         with ed.full():
-            rows["Original"] = _row("Original", measure(), 100.0, total, full_flops, _cost(original))
+            rows["Original"] = _row("Original", measure(), 100.0, total, 100.0, full_flops, _cost(original))
         name = "Magnitude (Original, post-hoc)"
         rows[name] = state_row(name, Magnitude().state(ed.units, state), _cost(original))
     for baseline in baseline_names(config):  # their own weights and fixed states
         path = run_dir / baseline / "best.pt"
         restore(load_checkpoint(path, config.device), model, ed, path=path)
-        cost = _cost(original, run_dir / baseline) if baseline == "finetune" else _cost(run_dir / baseline)
+        cost = _cost(original, run_dir / baseline) if KINDS[baseline].from_original else _cost(run_dir / baseline)
         rows[BASELINES[baseline]] = state_row(BASELINES[baseline], ed.state.cpu().clone(), cost)
     first = ["Original", f"{label}(F)", f"{label}(P)", *BASELINES.values()]
     return [rows[name] for name in first if name in rows] + [row for name, row in rows.items() if name not in first]
@@ -227,22 +233,36 @@ def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bo
         [f"{BASELINES[name]}: best.pt of {name}/" for name in baseline_names(config)]
     original = "".join(f"; {text}" for text in siblings)
     heading = (f"# {config.dataset} / {config.model} / {config.mode} (seed {config.seed})\n\n"
-               f"Test set, best.pt (epoch {result['best_epoch']} of {len(metrics)}, validation top-1 "
+               f"Test set, best.pt (epoch {result['best_epoch']} of {metrics[-1]['epoch']}, validation top-1 "
                f"{result['best_val_top1']:.2f} %{original}). " + calibration_note(calibration))
     write_report(run_dir, result, heading, format_table(rows), quiet)
     return result
 
 
 def write_report(run_dir: Path, result: dict, heading: str, table: str, quiet: bool) -> None:
-    """report.json (``result``) and report.md (``heading``, the legend and ``table``); the latter printed
-    unless ``quiet``."""
-    text = (f"{heading} R: % of trainable parameters kept; #p: their number; MFLOPs/img: inference FLOPs of "
-            f"the (slim) network per image; train s, train TFLOPs: the training steps' seconds and FLOPs of the "
-            f"runs that produced the row (Magnitude + fine-tune: the Original's and its own).\n\n{table}\n")
+    """report.json (``result``), report.md (``heading``, the legend and ``table``; printed unless ``quiet``)
+    and compare.png (:func:`edropout.experiments.plots.compare`)."""
+    notes = cost_notes({row["method"] for row in result["rows"]})
+    text = (f"{heading} R: % of trainable parameters kept; #p: their number; units %: the prunable units kept; "
+            f"MFLOPs/img: inference FLOPs of the (slim) network per image; train s, train TFLOPs: the training "
+            f"steps' seconds and FLOPs of the runs that produced the row.{notes}\n\n{table}\n")
     write_text(run_dir / "report.json", json.dumps(result, indent=2) + "\n")
     write_text(run_dir / "report.md", text)
+    compare(run_dir, result)
     if not quiet:
         print(text)
+
+
+def cost_notes(methods) -> str:
+    """What the cost of the rows in ``methods`` leaves out or adds (sentences, '' when nothing)."""
+    notes = ""
+    if "Random (scratch)" in methods:
+        notes += (" Random (scratch) borrows EDropout's per-layer widths: its cost is its own training alone, "
+                  "without the EDropout run that found them.")
+    from_original = [row for name, row in BASELINES.items() if KINDS[name].from_original and row in methods]
+    if from_original:
+        notes += f" {' and '.join(from_original)}: the Original's training and their own."
+    return notes
 
 
 def calibration_note(images: int) -> str:

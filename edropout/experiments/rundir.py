@@ -8,7 +8,7 @@
                      pruned phase branch (benchmarks/after_freeze.py)
     report.md/json   the test-set report of best.pt (:mod:`edropout.experiments.report`)
     plots.png        the per-epoch curves (:mod:`edropout.experiments.plots`)
-    original/, scratch/, finetune/   sibling runs, each a run directory of its own
+    original/, <baseline>/   sibling runs, each a run directory of its own
 
 Every file is written to a temporary file in the same folder, flushed to disk and renamed over the old
 one, so a run killed at any instant leaves the last good file. Checkpoints hold plain data only (tensors,
@@ -34,7 +34,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .. import ops
+from .. import distributed, ops
 from .config import OLDER_RUNS, SAME_SCHEDULE, RunError, TrainConfig
 
 
@@ -217,3 +217,18 @@ def set_rng_states(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def restore(checkpoint: dict, model, ed, optimizer=None, path="checkpoint") -> None:
+    """Load a checkpoint's states into those given (not None); RunError (one line) when they do not fit."""
+    try:
+        if model is not None:
+            model.load_state_dict(checkpoint["model"])
+        if ed is not None:
+            if checkpoint.get("edropout") is None:
+                raise ValueError("no EDropout state")
+            ed.load_state_dict(checkpoint["edropout"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: does not fit the network of config.json ({distributed.first_line(e)})") from None

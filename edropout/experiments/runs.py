@@ -5,10 +5,8 @@ A run is a plan of sibling runs, trained in turn in one process group, then repo
     <run_dir>/original/   mode original, the same seed and schedule (compare_original, finetune; or the
                           finished run of original_dir instead)
     <run_dir>/            the run itself (edropout or random)
-    <run_dir>/scratch/    baseline scratch: a random state with EDropout's per-layer widths, fixed from
-                          the first step, trained from scratch with the same seed and schedule
-    <run_dir>/finetune/   baseline finetune: the Original pruned by magnitude to EDropout's per-layer
-                          widths, fine-tuned finetune_epochs epochs at finetune_lr
+    <run_dir>/<baseline>/ each baseline (scratch, uniform, finetune, rewind, earlybird; what each is:
+                          :mod:`edropout.experiments.kinds`), from the state of the run's best.pt
 
 Each sibling is a run directory of its own (config.json, checkpoints, report), resumable like any: a plan
 resumed skips what is finished (its report is the last thing a run writes), continues what was started
@@ -31,7 +29,8 @@ import torch
 
 from .. import distributed
 from .build import load_data
-from .config import BASELINES, RunError, TrainConfig, baseline_names, check_config, sibling_config, summary_line
+from .config import RunError, TrainConfig, check_config, summary_line
+from .kinds import BASELINES, baseline_names, sibling_config
 from .loop import train_loop
 from .plots import plot
 from .report import aggregate, report
