@@ -12,6 +12,7 @@ from edropout.criteria import Magnitude, Uniform
 from edropout.earlybird import EarlyBird, batchnorm_l1_
 from edropout.experiments import build, loop, rundir, runs
 from edropout.experiments.kinds import KINDS
+from helpers import load_benchmark
 from test_train import _layer_counts, _state_of, tiny, tiny_config, untimed  # noqa: F401  (tiny: a fixture)
 
 
@@ -204,6 +205,16 @@ def test_the_controls_aggregate_over_seeds_with_the_comparison_figure(tmp_path, 
     assert "borrows EDropout's per-layer widths" in text and "Magnitude + rewind: the Original's training" in text
     for folder in (parent, parent / "seed-0", parent / "seed-1" / "rewind"):
         assert (folder / "compare.png").stat().st_size > 10_000
+
+    # benchmarks/paid_for.py: EDropout(P) against each control per seed, from the same reports
+    assert load_benchmark("paid_for").main([str(parent), "--out", str(tmp_path / "paid.md")]) == 0
+    text = (tmp_path / "paid.md").read_text()
+    for i, method in enumerate(["Original", "Random (scratch)", "Uniform (scratch)", "Magnitude + rewind", "Early-Bird"]):
+        line = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
+        differences = [run["rows"][2]["top1"] - next(r["top1"] for r in run["rows"] if r["method"] == method)
+                       for run in result["runs"]]
+        assert " / ".join(f"{d:+.2f}" for d in differences) in line and f"{min(differences):+.2f}" in line
+    assert "Goals: above Random (scratch) at no more cost:" in text and "above Original" not in text
 
 
 def test_mode_random_alone_reports_each_row_once(tmp_path, tiny):

@@ -46,8 +46,9 @@ def plot(run_dir) -> Optional[Path]:
 def compare(run_dir, result: dict) -> Optional[Path]:
     """compare.png: the test top-1 of each row of a report (``result``, report.json's content) against the
     training time and FLOPs of the runs that made it and against R, with ± std over seeds when the report
-    has them (an aggregate). Post-hoc rows (a state chosen afterwards, nothing trained for it) are left out:
-    they are in the table. None without matplotlib or without a row to show."""
+    has them (an aggregate). Left out, as they are in the table: post-hoc rows (a state chosen afterwards,
+    nothing trained for it) and "(F)" rows (every unit put back into a pruned network: a diagnostic, not a
+    network one would deploy). None without matplotlib or without a row to show."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -55,7 +56,8 @@ def compare(run_dir, result: dict) -> Optional[Path]:
     except ImportError:
         return None
     std = result.get("std") or [{} for _ in result["rows"]]
-    shown = [(row, spread) for row, spread in zip(result["rows"], std) if "post-hoc" not in row["method"]]
+    shown = [(row, spread) for row, spread in zip(result["rows"], std)
+             if "post-hoc" not in row["method"] and not row["method"].endswith("(F)")]
     if not shown:
         return None
     run_dir = Path(run_dir)
@@ -71,7 +73,8 @@ def compare(run_dir, result: dict) -> Optional[Path]:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test top-1 %")
     seeds = f", mean ± std over {len(result['seeds'])} seeds" if result.get("seeds") else ""
-    fig.suptitle(f"{run_dir.name}: each network's test top-1 against what it cost{seeds}")
+    fig.suptitle(f"{run_dir.name}: each trained network's test top-1 against what it cost{seeds} "
+                 f"(post-hoc and (F) rows: in the table)")
     axes[2].legend(loc="best", fontsize=8)
     fig.tight_layout()
     atomic_write_bytes(run_dir / "compare.png", lambda f: fig.savefig(f, format="png", dpi=100))
