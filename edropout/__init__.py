@@ -9,7 +9,13 @@ experiment harness, the ``edropout`` command, lives apart in :mod:`edropout.expe
 
 import torch  # noqa: F401  (loads libtorch, which the kernels link against)
 
-from . import _C  # noqa: F401  (registers the torch.ops.edropout kernels)
+from . import _build
+
+_build.check()  # kernels built against another torch: one line naming both, not an undefined symbol
+try:
+    from . import _C  # noqa: F401  (registers the torch.ops.edropout kernels)
+except ImportError as e:
+    raise _build.load_failed(e) from None
 from . import criteria, energies, ops, reference
 from .controller import EDropout
 from .earlybird import EarlyBird
