@@ -44,6 +44,11 @@ def check() -> None:
 
 def load_failed(error: BaseException) -> ImportError:
     """The one-line ImportError for kernels that would not load (not built, or built for another torch)."""
+    package = Path(__file__).parent
+    if (package.parent / "setup.py").is_file() and not any(package.glob("_C*.so")):
+        return ImportError(f"this is edropout's source folder ({package.parent}), whose kernels are not built: "
+                           f"import edropout from another folder, or build them here with "
+                           f"pip install --no-build-isolation --no-deps -e .")
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ImportError(f"edropout's kernels could not be loaded ({first}); build them against the running "
                        f"{_describe(running())}: {REBUILD}")

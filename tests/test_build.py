@@ -76,6 +76,11 @@ def test_import_refuses_kernels_built_for_another_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", IMPORT_COPY], cwd=tmp_path, capture_output=True, text=True)
     assert result.stderr.strip().splitlines()[-1].startswith("ImportError: edropout's kernels could not be loaded"), \
         result.stderr
+    # ...and a source folder without built kernels, imported from inside it
+    (tmp_path / "setup.py").write_text("")
+    result = subprocess.run([sys.executable, "-c", IMPORT_COPY], cwd=tmp_path, capture_output=True, text=True)
+    assert result.stderr.strip().splitlines()[-1].startswith("ImportError: this is edropout's source folder"), \
+        result.stderr
 
 
 @pytest.mark.slow

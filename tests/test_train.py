@@ -511,9 +511,9 @@ def test_every_config_field_has_a_flag():
 
 
 def _readme_flags(command):
-    """The flags in the README's table for ``edropout <command>`` (first column, `--flag ...`)."""
+    """The flags in docs/command.md's table for ``edropout <command>`` (first column, `--flag ...`)."""
     import re
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "command.md").read_text()
     start = text.index(f"<!-- flags: {command} -->")
     table = text[start:text.index("\n\n", text.index("|", start))]
     return {m.group(1) for m in re.finditer(r"^\| `(--[a-z-]+|[A-Z_]+)", table, re.M)}
