@@ -207,7 +207,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", partial_save)
-    with pytest.raises(OSError):
+    with pytest.raises(rundir.WriteFailed, match="last.pt: not written .disk full.; the previous last.pt is intact"):
         rundir.save_checkpoint({"epoch": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary file is gone

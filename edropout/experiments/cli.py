@@ -13,7 +13,8 @@ TrainConfig field (:mod:`edropout.experiments.config`). ``--config FILE`` starts
 TrainConfig fields of a JSON file instead (the paper's schedule for fields it leaves out), and options
 given on the command line override either. Bad input prints one line on stderr and exits with code 2; a
 process of a multi-process job that loses the others (one died or stopped answering for ``--dist-timeout``
-seconds) prints one line naming its rank and exits with code 1.
+seconds) prints one line naming its rank and exits with code 1, as does a run whose loss becomes
+non-finite (it stops there, its last checkpoint kept, no report written).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..distributed import ProcessGroupFailure, RanksDisagree
-from .config import SMALL, RunError, TrainConfig, help_text
+from .config import SMALL, Diverged, RunError, TrainConfig, help_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,12 +85,29 @@ def config_of(args) -> TrainConfig:
         raise RunError(f"config: {e}") from None
 
 
+# What --resume may change: where and how the run is computed, not what is trained
+RESUME_FLAGS = ("device", "dist_timeout", "num_workers")
+
+
+def check_resume_flags(args) -> None:
+    """RunError (one line) naming the flags given with --resume that would change the run."""
+    given = [f"--{f.name.replace('_', '-')}" for f in fields(TrainConfig)
+             if f.name not in RESUME_FLAGS and getattr(args, f.name) is not None]
+    given += (["--config"] if args.config is not None else []) + (["--runs"] if args.runs != 1 else [])
+    if given:
+        raise RunError(f"--resume continues {args.resume} as its config.json says: {', '.join(given)} would change "
+                       f"it (with --resume only --device, --num-workers, --dist-timeout and --quiet); to train "
+                       f"longer or otherwise, start a new run: --config {Path(args.resume) / 'config.json'} "
+                       f"--run-dir NEW_DIR and the changed flags")
+
+
 def run(args) -> int:
     from . import export, report, rundir, runs
 
     if args.command == "train":
         if args.resume is not None:
-            runs.resume(args.resume, args.device, args.dist_timeout, quiet=args.quiet)
+            check_resume_flags(args)
+            runs.resume(args.resume, args.device, args.dist_timeout, quiet=args.quiet, num_workers=args.num_workers)
         else:
             runs.train_runs(config_of(args), args.runs, quiet=args.quiet)
         return 0
@@ -114,7 +132,7 @@ def main(argv=None) -> int:
     except RunError as e:
         sys.stderr.write(f"edropout: {e}\n")
         return 2
-    except (ProcessGroupFailure, RanksDisagree) as e:
+    except (ProcessGroupFailure, RanksDisagree, Diverged) as e:
         sys.stderr.write(f"edropout: {e}\n")
         return 1
     except KeyboardInterrupt:

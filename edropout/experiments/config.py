@@ -37,6 +37,10 @@ class RunError(Exception):
     """Bad input or an unusable run directory; the message is one line that names the problem."""
 
 
+class Diverged(Exception):
+    """Training stopped at a non-finite loss; the message is one line: where, the learning rate, what is kept."""
+
+
 def _option(default, help: str, shown: Optional[str] = None):
     """A field with its command-line help; ``shown``: the default as the help states it, when not the value."""
     return field(default=default, metadata={"help": help, "shown": shown})
@@ -165,18 +169,24 @@ def freeze_rule(config: TrainConfig, train_size: int) -> FreezeRule:
     return FreezeRule(distance=config.settle_distance or None, every=every, deadline=freeze_by(config))
 
 
+def check_choices(config: TrainConfig) -> None:
+    """RunError (one line) for a field that names none of its choices (a model, a data set, a mode...)."""
+    from .kinds import KINDS  # the kinds of run build on this module
+    for name, choices in (("dataset", data.DATASETS), ("model", models.MODELS), ("mode", tuple(KINDS)),
+                          ("optimizer", OPTIMIZERS), ("energy", ENERGIES), ("evolution", ops.RULES),
+                          ("applied", APPLIED), ("lr_after_freeze", LR_AFTER_FREEZE)):
+        if getattr(config, name) not in choices:
+            raise RunError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+
+
 def _positive_int(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 def check_config(config: TrainConfig) -> None:
     """Raise RunError (one line) for a configuration that cannot run."""
-    from .kinds import BASELINES, KINDS, baseline_names  # the kinds of run build on this module
-    for name, choices in (("dataset", data.DATASETS), ("model", models.MODELS), ("mode", tuple(KINDS)),
-                          ("optimizer", OPTIMIZERS), ("energy", ENERGIES), ("evolution", ops.RULES),
-                          ("applied", APPLIED), ("lr_after_freeze", LR_AFTER_FREEZE)):
-        if getattr(config, name) not in choices:
-            raise RunError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+    from .kinds import BASELINES, baseline_names  # the kinds of run build on this module
+    check_choices(config)
     if not isinstance(config.baselines, str):
         raise RunError(f"baselines must be a comma-separated string of {', '.join(BASELINES)}; got {config.baselines!r}")
     unknown = [name for name in baseline_names(config) if name not in BASELINES]

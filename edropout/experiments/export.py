@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict
 
@@ -30,9 +31,11 @@ def export(run_dir, device="cpu") -> Dict[str, Path]:
     architecture = {"model": config.model, "in_channels": meta["in_channels"], "num_classes": meta["num_classes"]}
     contents = save_slim(None, small, state, architecture)
     atomic_write_bytes(run_dir / "slim.pt", lambda f: torch.save(contents, f))
-    try:
-        scripted = torch.jit.script(small)
-    except Exception:
-        scripted = torch.jit.trace(small, example[:1])
-    atomic_write_bytes(run_dir / "slim.ts", lambda f: torch.jit.save(scripted, f))
+    with warnings.catch_warnings():  # TorchScript's deprecation, once per call: slim.ts says what it is in README
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            scripted = torch.jit.script(small)
+        except Exception:
+            scripted = torch.jit.trace(small, example[:1])
+        atomic_write_bytes(run_dir / "slim.ts", lambda f: torch.jit.save(scripted, f))
     return {"slim.pt": run_dir / "slim.pt", "slim.ts": run_dir / "slim.ts"}

@@ -48,16 +48,19 @@ from ..earlybird import batchnorm_l1_
 from ..pruning import PrunedNetwork, prune
 from . import data
 from .build import build_network, build_optimizer, epoch_loader, learning_rate
-from .config import TrainConfig, steps_per_epoch
+from .config import Diverged, RunError, TrainConfig, steps_per_epoch
 from .costs import counting
 from .kinds import KINDS
-from .rundir import load_checkpoint, read_metrics, restore, rng_states, save_checkpoint, set_rng_states, write_metrics
+from .rundir import (WriteFailed, load_checkpoint, read_metrics, remove_leftovers, restore, rng_states,
+                     save_checkpoint, set_rng_states, write_metrics)
 
 
 def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: torch.device, quiet: bool) -> None:
     """The epochs of the run in ``run_dir``, from its last.pt when there is one; writes metrics.jsonl,
     best.pt and last.pt (rank 0)."""
     several, rank0 = distributed.active(), distributed.rank() == 0
+    if rank0:
+        remove_leftovers(run_dir)
     checkpoint = load_checkpoint(run_dir / "last.pt", device) if (run_dir / "last.pt").exists() else None
     val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
     epoch_steps = steps_per_epoch(config, len(splits.train))
@@ -133,6 +136,11 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
                 loss.backward()
             if known is None:
                 known = forward_backward_flops[(searching, targets.numel())] = counter.get_total_flops()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # stop before the step spreads it into the weights
+                kept = f"last.pt of epoch {epoch} kept" if (run_dir / "last.pt").is_file() else "no checkpoint yet"
+                raise Diverged(f"{run_dir}: training diverged: loss {loss_value} at epoch {epoch + 1}, step {i + 1} "
+                               f"(learning rate {step_lr:g}); {kept}, no report written; try a lower --lr")
             if kind.batchnorm_l1:
                 batchnorm_l1_(pruned.model if pruned is not None else model, kind.batchnorm_l1)
             optimizer.step()
@@ -141,7 +149,7 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
                 with counting() as counter:
                     search.step(inputs, targets)
                 flops += counter.get_total_flops()
-            sums["loss_sum"] += loss.item() * targets.numel()
+            sums["loss_sum"] += loss_value * targets.numel()
             sums["correct"] += int((logits.argmax(1) == targets).sum())
             sums["seen"] += targets.numel()
             now = time.perf_counter()
@@ -210,15 +218,20 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         # checkpoints: metrics first, then best.pt, then last.pt (a kill in between redoes the epoch). After the
         # freeze the full network holds the slim one's weights at the kept units (and the dropped units' as at
         # the freeze), the optimiser state is the slim network's.
-        write_metrics(run_dir, history)
         if pruned is not None:
             pruned.write_back()
         checkpoint = {"epoch": epoch + 1, "best_top1": best_top1, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "pruned": pruned is not None,
                       "edropout": ed.state_dict() if ed is not None else None, "rng": rng_states(), "meta": meta}
-        if improved:
-            save_checkpoint(checkpoint, run_dir / "best.pt")
-        save_checkpoint(checkpoint, run_dir / "last.pt")
+        try:
+            write_metrics(run_dir, history)
+            if improved:
+                save_checkpoint(checkpoint, run_dir / "best.pt")
+            save_checkpoint(checkpoint, run_dir / "last.pt")
+        except WriteFailed as e:  # a full or read-only disk: the last complete checkpoint stands
+            then = (f"last.pt of epoch {epoch} is the last checkpoint: continue with --resume {run_dir}"
+                    if (run_dir / "last.pt").is_file() else "no checkpoint yet: start the run again")
+            raise RunError(f"{e}; {then} once the disk has space (or the folder is writable)") from None
 
 
 def start_pruned(config: TrainConfig, ed: EDropout, optimizer) -> PrunedNetwork:

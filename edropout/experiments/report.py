@@ -30,7 +30,8 @@ from .costs import inference_flops, run_cost
 from .kinds import BASELINES, KINDS, baseline_names
 from .loop import evaluate
 from .plots import compare
-from .rundir import load_checkpoint, original_path, read_config, read_metrics, restore, seed_dirs, write_text
+from .rundir import (load_checkpoint, original_path, read_config, read_metrics, restore, seed_dirs, strict_json,
+                     write_text)
 
 RANDOM_KEPT = (25, 50, 75)  # the random-pruning rows of the report: % of prunable units kept
 COLUMNS = (("loss", "loss", "{:.4f}"), ("top1", "top-1 %", "{:.2f}"), ("top3", "top-3 %", "{:.2f}"),
@@ -224,6 +225,8 @@ def report(run_dir, splits: Optional[data.Splits] = None, device=None, quiet: bo
     calibration = calibration_count(len(splits.train), config.bn_calibration if bn_calibration is None
                                     else bn_calibration)
     metrics = read_metrics(run_dir)
+    if not metrics:
+        raise RunError(f"{run_dir / 'metrics.jsonl'}: missing or empty (the run's record of its epochs)")
     epoch = load_checkpoint(run_dir / "best.pt")["epoch"]
     best = next((m for m in metrics if m["epoch"] == epoch), None)
     result = {"run_dir": str(run_dir), "dataset": config.dataset, "model": config.model, "mode": config.mode,
@@ -246,11 +249,11 @@ def write_report(run_dir: Path, result: dict, heading: str, table: str, quiet: b
     text = (f"{heading} R: % of trainable parameters kept; #p: their number; units %: the prunable units kept; "
             f"MFLOPs/img: inference FLOPs of the (slim) network per image; train s, train TFLOPs: the training "
             f"steps' seconds and FLOPs of the runs that produced the row.{notes}\n\n{table}\n")
-    write_text(run_dir / "report.json", json.dumps(result, indent=2) + "\n")
+    if not quiet:  # printed first: a folder that cannot be written to still shows the result
+        print(text)
+    write_text(run_dir / "report.json", strict_json(result, indent=2) + "\n")
     write_text(run_dir / "report.md", text)
     compare(run_dir, result)
-    if not quiet:
-        print(text)
 
 
 def cost_notes(methods) -> str:
@@ -272,11 +275,15 @@ def calibration_note(images: int) -> str:
 
 
 def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None,
-              bn_calibration: Optional[int] = None) -> dict:
-    """Mean ± std (over seeds) of the report rows of each run under ``parent``; writes report.md/json."""
+              bn_calibration: Optional[int] = None, left_out: Optional[dict] = None) -> dict:
+    """Mean ± std (over seeds) of the report rows of each run under ``parent``; writes report.md/json.
+    ``left_out``: seeds whose runs did not finish (diverged), by seed, left out and named in the heading."""
     parent = Path(parent)
+    left_out = left_out or {}
     reports = []
     for sub in seed_dirs(parent):
+        if int(sub.name.split("-", 1)[1]) in left_out:
+            continue
         if reevaluate or not (sub / "report.json").is_file():
             reports.append(report(sub, device=device, quiet=True, bn_calibration=bn_calibration))
         else:
@@ -295,9 +302,11 @@ def aggregate(parent, quiet: bool = False, reevaluate: bool = False, device=None
         mean.append({"method": row["method"], **{k: _number(float(v.mean())) for k, v in values.items()}})
         std.append({"method": row["method"], **{k: _number(float(v.std(unbiased=False))) for k, v in values.items()}})
     seeds = [r["seed"] for r in reports]
-    result = {"run_dir": str(parent), "seeds": seeds, "rows": mean, "std": std, "runs": reports}
+    result = {"run_dir": str(parent), "seeds": seeds, "rows": mean, "std": std, "runs": reports,
+              "diverged": sorted(left_out)}
     heading = (f"# {reports[0]['dataset']} / {reports[0]['model']} / {reports[0]['mode']}: {len(reports)} runs "
                f"(seeds {', '.join(map(str, seeds))})\n\nTest set, best.pt of each run, mean ± std over runs. "
+               + (f"Seed(s) {', '.join(map(str, left_out))} diverged and are left out. " if left_out else "")
                + calibration_note(reports[0].get("bn_calibration", 0)))
     write_report(parent, result, heading, format_table(mean, std), quiet)
     return result

@@ -20,11 +20,14 @@ one line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -35,23 +38,31 @@ import numpy as np
 import torch
 
 from .. import distributed, ops
-from .config import OLDER_RUNS, SAME_SCHEDULE, RunError, TrainConfig
+from .config import OLDER_RUNS, SAME_SCHEDULE, RunError, TrainConfig, check_choices
 
 
 def atomic_write_bytes(path: Path, write) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file of the same folder, fsync it and rename
     it over ``path``: ``path`` is either the old file or the complete new one, never a partial one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteFailed(path, e, existed) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run from colleagues
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # torch.save reports a full disk as a RuntimeError of its zip writer: asked, the disk says why
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and _disk_full(path.parent)):
+            raise WriteFailed(path, e, existed) from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -59,6 +70,54 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+class WriteFailed(RunError):
+    """A file of a run could not be written; one line: which, why (ENOSPC, EROFS, EACCES...), what survived."""
+
+    def __init__(self, path: Path, error: BaseException, existed: bool):
+        code = errno.errorcode.get(getattr(error, "errno", None) or 0)
+        reason = f"{code}: {error.strerror}" if code and getattr(error, "strerror", None) else (
+            "ENOSPC: no space left on device" if not isinstance(error, OSError) else str(error))
+        kept = f"the previous {path.name} is intact" if existed else f"no {path.name} was there before"
+        super().__init__(f"{path}: not written ({reason}); {kept}")
+        self.path = path
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_leftovers(run_dir) -> List[Path]:
+    """Remove the temporary files of writes that were interrupted (a kill between writing and renaming)
+    from ``run_dir``; returns them."""
+    leftovers = sorted(Path(run_dir).glob(".*.tmp"))
+    for path in leftovers:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return leftovers
+
+
+def strict_json(value, indent: Optional[int] = None) -> str:
+    """``value`` as strict JSON: a non-finite float (NaN, ±inf, which JSON has not) written as null."""
+    def finite(v):
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+    return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -90,8 +149,9 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
         raise RunError(f"{path}: not an edropout checkpoint ({what}); refused without running it") from None
     except Exception as e:
         raise RunError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "epoch", "meta"} <= set(checkpoint):
-        raise RunError(f"{path}: not an edropout training checkpoint")
+    if not isinstance(checkpoint, dict) or not {"model", "epoch", "meta"} <= set(checkpoint) \
+            or not isinstance(checkpoint["meta"], dict) or not {"in_channels", "num_classes"} <= set(checkpoint["meta"]):
+        raise RunError(f"{path}: not an edropout training checkpoint (it lacks the network's description)")
     return checkpoint
 
 
@@ -117,7 +177,14 @@ def config_of_values(values: dict, run_dir) -> TrainConfig:
 
 
 def read_config(run_dir) -> TrainConfig:
-    return config_of_values(config_values(run_dir), run_dir)
+    """The TrainConfig of a run directory; RunError (one line) when config.json is damaged or names a model,
+    data set or mode that does not exist."""
+    config = config_of_values(config_values(run_dir), run_dir)
+    try:
+        check_choices(config)
+    except RunError as e:
+        raise RunError(f"{Path(run_dir) / 'config.json'}: {e}") from None
+    return config
 
 
 def holds_runs(run_dir) -> bool:
@@ -138,11 +205,19 @@ def read_metrics(run_dir) -> List[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                metrics.append(json.loads(line))
+            except ValueError:
+                raise RunError(f"{path}: line {number} is not JSON (damaged; the run's checkpoints are not "
+                               f"affected, but its record of epochs is)") from None
+    return metrics
 
 
 def write_metrics(run_dir, metrics: List[dict]) -> None:
-    write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    write_text(Path(run_dir) / "metrics.jsonl", "".join(strict_json(m) + "\n" for m in metrics))
 
 
 def create_run_dir(config: TrainConfig, runs: Optional[int] = None) -> Path:
@@ -164,7 +239,7 @@ def create_run_dir(config: TrainConfig, runs: Optional[int] = None) -> Path:
         raise RunError(f"run directory {run_dir} is not writable ({e.strerror or type(e).__name__})") from None
     config.run_dir = str(run_dir)
     values = asdict(config) if runs is None else {**asdict(config), "runs": runs}
-    write_text(run_dir / "config.json", json.dumps(values, indent=2) + "\n")
+    write_text(run_dir / "config.json", strict_json(values, indent=2) + "\n")
     return run_dir
 
 

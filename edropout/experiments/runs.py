@@ -21,6 +21,7 @@ population, step), so a run resumes with any number of processes.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -29,7 +30,7 @@ import torch
 
 from .. import distributed
 from .build import load_data
-from .config import RunError, TrainConfig, check_config, summary_line
+from .config import Diverged, RunError, TrainConfig, check_config, summary_line
 from .kinds import BASELINES, baseline_names, sibling_config
 from .loop import train_loop
 from .plots import plot
@@ -73,13 +74,17 @@ def train_runs(config: TrainConfig, runs: int, quiet: bool = False) -> Path:
     return Path(config.run_dir)
 
 
-def resume(run_dir, device: Optional[str] = None, dist_timeout: Optional[int] = None, quiet: bool = False) -> Path:
+def resume(run_dir, device: Optional[str] = None, dist_timeout: Optional[int] = None, quiet: bool = False,
+           num_workers: Optional[int] = None) -> Path:
     """Continue the run in ``run_dir``, or every run of a directory of ``train_runs`` (each resumed, started,
-    or left as it is when finished, then reported as mean ± std)."""
+    or left as it is when finished, then reported as mean ± std). ``device``, ``dist_timeout`` and
+    ``num_workers``, the settings that do not change what is trained, may differ from the run's."""
     values = config_values(run_dir)
     runs = values.pop("runs", None)
     config = config_of_values(values, run_dir) if runs is None else TrainConfig.from_dict(values)
     config = _stored(config, None, device, dist_timeout)
+    if num_workers is not None:
+        config.num_workers = num_workers
     check_config(config)
     with distributed.launched(config.device, config.dist_timeout) as launched_device:
         if runs is None:
@@ -186,10 +191,22 @@ def _continuing(run: TrainConfig) -> Optional[Tuple[TrainConfig, bool]]:
 
 
 def _train_seeds(config: TrainConfig, parent: Path, runs: int, quiet: bool, device: torch.device) -> None:
+    """Each seed's run in turn; a seed that diverges does not stop the others, the report leaves it out and
+    says so, and Diverged is raised at the end naming it."""
+    diverged = {}
     for s in range(config.seed, config.seed + runs):
         continuing = _continuing(replace(config, seed=s, run_dir=str(parent / f"seed-{s}")))
         if continuing is not None:
             run, started = continuing
-            run_plan(run, Path(run.run_dir) if started else None, quiet, device)
-    if distributed.rank() == 0:
-        aggregate(parent, quiet=quiet)
+            try:
+                run_plan(run, Path(run.run_dir) if started else None, quiet, device)
+            except Diverged as e:
+                diverged[s] = str(e)
+                if distributed.rank() == 0:
+                    print(f"edropout: seed {s}: {e}", file=sys.stderr)
+    if distributed.rank() == 0 and len(diverged) < runs:
+        aggregate(parent, quiet=quiet, left_out=diverged)
+    if diverged:
+        raise Diverged(f"{parent}: seed(s) {', '.join(map(str, diverged))} of {runs} diverged "
+                       f"({'the report covers the others' if len(diverged) < runs else 'no report'}); "
+                       f"each seed's line above says where")

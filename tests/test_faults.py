@@ -1,0 +1,173 @@
+"""Runs that survive what goes wrong: divergence, flags given with --resume, interrupted writes, file modes
+(on digits with the tests' tiny network)."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from edropout.experiments import cli, rundir, runs
+from edropout.experiments.config import Diverged
+from test_train import tiny, tiny_config  # noqa: F401  (tiny: a fixture)
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN and ±inf, as strict parsers do."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_checkpoint(tmp_path, tiny, capsys):
+    config = tiny_config(tmp_path / "nan", optimizer="sgd", lr=1e30, epochs=3, limit_batches=3)
+    with pytest.raises(Diverged, match=r"training diverged: loss (nan|inf|-inf) at epoch \d+, step \d+ \(learning rate 1e\+30\)"):
+        runs.train(config, quiet=True)
+    run_dir = tmp_path / "nan"
+    assert not (run_dir / "report.json").exists() and not (run_dir / "report.md").exists()
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        _strict(line)
+    if (run_dir / "last.pt").exists():  # the epochs before the divergence, resumable
+        assert rundir.load_checkpoint(run_dir / "last.pt")["epoch"] == len(rundir.read_metrics(run_dir))
+    # the command: one line, exit code 1
+    code = cli.main(["train", "--model", "tiny", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2",
+                     "--limit-batches", "3", "--device", "cpu", "--quiet", "--run-dir", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "training diverged" in err and "--lr" in err, err
+
+
+def test_every_json_file_is_strict_json(tmp_path):
+    text = rundir.strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
+    assert _strict(text) == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
+    rundir.write_metrics(tmp_path, [{"epoch": 1, "train_loss": float("nan")}])
+    assert _strict((tmp_path / "metrics.jsonl").read_text()) == {"epoch": 1, "train_loss": None}
+
+
+def test_a_seed_that_diverges_leaves_the_others_and_is_named(tmp_path, tiny, monkeypatch):
+    plan = runs.run_plan
+
+    def second_seed_diverges(config, *args, **kwargs):
+        if config.seed == 1:
+            raise Diverged(f"{config.run_dir}: training diverged: loss nan at epoch 1, step 2 (learning rate 1)")
+        return plan(config, *args, **kwargs)
+    monkeypatch.setattr(runs, "run_plan", second_seed_diverges)
+    with pytest.raises(Diverged, match=r"seed\(s\) 1 of 3 diverged \(the report covers the others\)"):
+        runs.train_runs(tiny_config(tmp_path / "runs", epochs=1, limit_batches=2), runs=3, quiet=True)
+    result = _strict((tmp_path / "runs" / "report.json").read_text())
+    assert [run["seed"] for run in result["runs"]] == [0, 2] and result["diverged"] == [1]
+    assert "Seed(s) 1 diverged and are left out." in (tmp_path / "runs" / "report.md").read_text()
+
+
+def test_resume_refuses_flags_that_would_change_the_run(tmp_path, tiny, capsys):
+    run_dir = runs.train(tiny_config(tmp_path / "run", epochs=1, limit_batches=2), quiet=True, print_report=False)
+    before = (run_dir / "report.json").read_text()
+    for flags, named in ((["--epochs", "10"], "--epochs"), (["--lr", "0.5", "--seed", "3"], "--lr, --seed"),
+                         (["--config", str(tmp_path / "bad.json")], "--config"), (["--runs", "2"], "--runs")):
+        assert cli.main(["train", "--resume", str(run_dir), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err and "config.json" in err, err
+    assert (run_dir / "report.json").read_text() == before
+    # those that do not change what is trained apply
+    assert cli.main(["train", "--resume", str(run_dir), "--device", "cpu", "--num-workers", "0", "--quiet"]) == 0
+
+
+def test_leftovers_of_an_interrupted_write_are_removed_and_files_follow_the_umask(tmp_path, tiny):
+    run_dir = runs.train(tiny_config(tmp_path / "run", epochs=2, limit_batches=2), quiet=True, print_report=False)
+    leftover = run_dir / ".best.pt.abc123.tmp"  # what a kill between writing and renaming leaves
+    leftover.write_bytes(b"\0" * 1024)
+    (run_dir / "report.json").unlink()
+    runs.train(None, resume=run_dir, quiet=True, print_report=False)
+    assert not leftover.exists() and not list(run_dir.glob(".*.tmp"))
+    previous = os.umask(0o022)
+    try:
+        rundir.write_text(tmp_path / "shared.md", "x")
+        assert stat.S_IMODE((tmp_path / "shared.md").stat().st_mode) == 0o644
+        os.umask(0o077)
+        rundir.write_text(tmp_path / "private.md", "x")
+        assert stat.S_IMODE((tmp_path / "private.md").stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+    for name in ("config.json", "report.md", "best.pt"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~previous, name
+
+
+def _damaged(name, run_dir):
+    import torch
+    if name == "metrics missing":
+        (run_dir / "metrics.jsonl").unlink()
+    elif name == "metrics truncated":
+        (run_dir / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text()[:-20])
+    elif name == "best.pt of other content":
+        checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+        checkpoint["meta"] = {}
+        torch.save(checkpoint, run_dir / "best.pt")
+    elif name == "config.json naming an unknown model":
+        values = json.loads((run_dir / "config.json").read_text())
+        values["model"] = "nonet"
+        (run_dir / "config.json").write_text(json.dumps(values))
+
+
+DAMAGES = {"metrics missing": "metrics.jsonl: missing", "metrics truncated": "metrics.jsonl: line 1 is not JSON",
+           "best.pt of other content": "best.pt: not an edropout training checkpoint",
+           "config.json naming an unknown model": "model must be one of"}
+
+
+def test_damaged_run_directories_get_one_line_and_exit_2(tmp_path, tiny, capsys):
+    import shutil
+    base = runs.train(tiny_config(tmp_path / "base", epochs=1, limit_batches=2), quiet=True, print_report=False)
+    capsys.readouterr()
+    for name, expected in DAMAGES.items():
+        run_dir = tmp_path / name.replace(" ", "-")
+        shutil.copytree(base, run_dir)
+        _damaged(name, run_dir)
+        for command in (["eval", str(run_dir)], ["train", "--resume", str(run_dir), "--quiet"],
+                        ["export", str(run_dir)]):
+            code = cli.main(command)
+            err = capsys.readouterr().err.strip()
+            if command[0] == "export" and name.startswith("metrics"):  # export does not read the metrics
+                assert code == 0, err
+                continue
+            assert code == 2 and len(err.splitlines()) == 1 and expected in err, (name, command[0], err)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, tiny, monkeypatch, capsys):
+    import collections
+    import torch
+    save = torch.save
+    written = []
+
+    def full_after_epoch_1(obj, f, *args, **kwargs):  # as torch's zip writer reports a full disk
+        if len(written) >= 3:  # freeze.pt, best.pt and last.pt of epoch 1
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 200384 vs 200280")
+        written.append(f)
+        return save(obj, f, *args, **kwargs)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(rundir.torch, "save", full_after_epoch_1)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: usage(10 << 30, 10 << 30, 0))
+    code = cli.main(["train", "--model", "tiny", "--epochs", "3", "--limit-batches", "2", "--batch-size", "32",
+                     "--settle-distance", "0", "--device", "cpu", "--quiet", "--run-dir", str(tmp_path / "full")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "ENOSPC" in err and "last.pt of epoch 1 is the last checkpoint" in err and "--resume" in err, err
+    assert rundir.load_checkpoint(tmp_path / "full" / "last.pt")["epoch"] == 1
+    assert not list((tmp_path / "full").glob(".*.tmp"))
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(tmp_path / "full"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "full" / "report.json").read_text())["epochs"] == 3
+
+
+def test_a_read_only_folder_shows_the_result_then_one_line(tmp_path, tiny, monkeypatch, capsys):
+    import errno
+    run_dir = runs.train(tiny_config(tmp_path / "run", epochs=1, limit_batches=2), quiet=True, print_report=False)
+    before = (run_dir / "report.json").read_text()
+    capsys.readouterr()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    assert cli.main(["eval", str(run_dir)]) == 2
+    captured = capsys.readouterr()
+    assert "| EDropout(P) |" in captured.out  # the result, printed before anything is written
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "report.json: not written (EROFS: Read-only file system)" in err, err
+    assert "the previous report.json is intact" in err and (run_dir / "report.json").read_text() == before
