@@ -184,6 +184,9 @@ class EDropout:
         """Freeze the best state, or ``state`` (bool or uint8 [D]; the always-kept units kept) when given:
         from now on the model is pruned to it and ``step`` does nothing."""
         if state is not None:
+            if not isinstance(state, Tensor) or state.shape != (self.units.num_units,):
+                raise ValueError(f"state must be a tensor of shape [{self.units.num_units}] (one entry per unit), got "
+                                 f"{list(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
             self.masks.mask.copy_((state.to(self.always_kept.device).bool() | self.always_kept).to(self.masks.mask))
         elif self.energies is not None and not self.frozen:
             self._apply_state(self.best_state)
@@ -346,7 +349,10 @@ class EDropout:
         """After the first training forward: a warning naming the layers whose masks did not run (their
         units would be "dropped" without effect; exclude them)."""
         missing = self.masks.not_run()
-        if missing:
+        if missing and len(missing) == sum(1 for layer in self.units if layer.kind != "classifier_out"):
+            warnings.warn("EDropout: step() before any forward of the network: call it after each training step's "
+                          "forward and backward (it evolves the states on what that forward measured)", stacklevel=3)
+        elif missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             warnings.warn(f"EDropout: the masks of {shown} did not run in the forward before the first step: the "
                           f"network does not call those layers through their own forward, so dropping their "
@@ -415,6 +421,8 @@ def check_arguments(population: int = 8, p_init: float = 0.5, mutation: float = 
     for name, p in (("p_init", p_init), ("mutation", mutation), ("crossover", crossover)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    if p_init == 0:
+        raise ValueError("p_init must be in (0, 1]: with 0 every initial state drops every prunable unit")
     if keep_rate is not None and not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate must be a fraction in (0, 1] or None, got {keep_rate}")
     _check_rule(rule)

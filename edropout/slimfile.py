@@ -41,12 +41,19 @@ def load_slim(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn
         contents = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{path}: not a slim file of edropout (it holds objects other than plain data)") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001  (torch.load raises many kinds for a file that is not its own)
+        raise ValueError(f"{path}: not a slim file of edropout (not a torch file: {type(e).__name__})") from None
     if not isinstance(contents, dict) or contents.get("format") != SLIM_FORMAT:
         raise ValueError(f"{path}: not a slim file of edropout (expected format {SLIM_FORMAT!r})")
     if model is None:
         from . import models
 
         arch = contents["architecture"]
+        if arch.get("model") not in models.MODELS:
+            raise ValueError(f"{path}: its network, {arch.get('model')!r}, is not one of edropout.models; pass "
+                             f"model= (a fresh instance of the unslimmed architecture) to load_slim")
         model = models.build(arch["model"], arch["in_channels"], arch["num_classes"])
     units = prunable_units(model)
     if contents["state"].numel() != units.num_units:

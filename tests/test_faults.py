@@ -171,3 +171,125 @@ def test_a_read_only_folder_shows_the_result_then_one_line(tmp_path, tiny, monke
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and "report.json: not written (EROFS: Read-only file system)" in err, err
     assert "the previous report.json is intact" in err and (run_dir / "report.json").read_text() == before
+
+
+# ------------------------------------------------------------------------------------------ kills
+
+def _python(code, env=None):
+    import subprocess
+    import sys
+    from test_train import ROOT, TINY
+    return subprocess.Popen([sys.executable, "-c", TINY + code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def _start_or_resume(config):
+    """The code that starts the run of ``config``, or resumes it once its config.json is there."""
+    from dataclasses import asdict
+    run_dir = config.run_dir
+    return (f"from pathlib import Path\nfrom edropout.experiments.runs import train\n"
+            f"from edropout.experiments.config import TrainConfig\n"
+            f"if (Path({run_dir!r}) / 'config.json').is_file():\n"
+            f"    train(None, resume={run_dir!r}, quiet=True, print_report=False)\n"
+            f"else:\n    train(TrainConfig(**{asdict(config)!r}), quiet=True, print_report=False)\n")
+
+
+def _finished(config):
+    """Run ``config`` to its end, resuming after each kill; the number of processes it took."""
+    from pathlib import Path
+    for attempt in range(1, 60):
+        proc = _python(_start_or_resume(config))
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            return attempt
+        assert proc.returncode == -9, err[-3000:]
+    raise AssertionError(f"{Path(config.run_dir)} never finished")
+
+
+def _outcome(run_dir):
+    """What a run gives, the time it took aside: every run directory's metrics and report rows, and the
+    final checkpoints' tensors."""
+    import torch
+    from pathlib import Path
+    untimed = lambda d: {k: v for k, v in d.items() if "time" not in k and k != "train_s"}  # noqa: E731
+    result = {}
+    for folder in sorted({p.parent for p in Path(run_dir).rglob("config.json")}):
+        name = str(folder.relative_to(run_dir))
+        result[name, "metrics"] = [untimed(m) for m in rundir.read_metrics(folder)]
+        result[name, "rows"] = [untimed(r) for r in json.loads((folder / "report.json").read_text())["rows"]]
+        last = torch.load(folder / "last.pt", weights_only=True)
+        result[name, "weights"] = {k: v.tolist() for k, v in last["model"].items()}
+        result[name, "state"] = last["edropout"]["mask"].tolist() if last["edropout"] else None
+    return result
+
+
+def _leftovers(run_dir):
+    from pathlib import Path
+    return [p for p in Path(run_dir).rglob("*") if p.name.endswith(".tmp") or p.name == ".write-probe"]
+
+
+KILL_CONFIGS = {"edropout": dict(epochs=3, limit_batches=5, settle_every=2, settle_distance=1.0),
+                "with baselines": dict(epochs=2, limit_batches=3, baselines="scratch,rewind")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """name -> (what the run of KILL_CONFIGS[name] gives uninterrupted, its seconds), each run once."""
+    import time
+    done = {}
+
+    def get(name):
+        if name not in done:
+            config = tiny_config(tmp_path_factory.mktemp("straight") / "run", **KILL_CONFIGS[name])
+            started = time.time()
+            _finished(config)
+            done[name] = _outcome(config.run_dir), time.time() - started
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("where", ["last.pt:partial:2", "best.pt:written:1", "freeze.pt:renamed:1",
+                                   "metrics.jsonl:written:2", "config.json:partial:1", "report.json:written:1"])
+def test_a_kill_inside_a_write_resumes_to_the_same_run(tmp_path, tiny, where, uninterrupted):
+    killed = tiny_config(tmp_path / "killed", **KILL_CONFIGS["edropout"])
+    proc = _python(_start_or_resume(killed), env={"EDROPOUT_TEST_KILL": where})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -9, f"the kill at {where} did not happen: {err[-2000:]}"
+    assert _finished(killed) == 1
+    assert not _leftovers(killed.run_dir)
+    assert _outcome(killed.run_dir) == uninterrupted("edropout")[0]
+
+
+def _killed_at_random_moments(tmp_path, name, kills, seed, uninterrupted):
+    import random
+    rng = random.Random(seed)
+    outcome, duration = uninterrupted(name)
+    killed = tiny_config(tmp_path / "killed", **KILL_CONFIGS[name])
+    done = 0
+    while done < kills:
+        proc = _python(_start_or_resume(killed))
+        try:
+            proc.communicate(timeout=rng.uniform(0.3, duration))
+        except Exception:  # still running at the chosen moment: kill it there
+            proc.kill()
+            proc.communicate()
+            done += 1
+        else:  # it finished before the moment came
+            break
+    _finished(killed)
+    assert not _leftovers(killed.run_dir)
+    assert _outcome(killed.run_dir) == outcome
+    return done
+
+
+@pytest.mark.parametrize("name", list(KILL_CONFIGS))
+def test_kills_at_random_moments_resume_to_the_same_run(tmp_path, tiny, name, uninterrupted):
+    seed = int.from_bytes(os.urandom(4), "little")
+    assert _killed_at_random_moments(tmp_path, name, 3, seed, uninterrupted) >= 1, seed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KILL_CONFIGS))
+def test_twenty_kills_at_random_moments_resume_to_the_same_run(tmp_path, tiny, name, uninterrupted):
+    seed = int.from_bytes(os.urandom(4), "little")
+    assert _killed_at_random_moments(tmp_path, name, 20, seed, uninterrupted) >= 10, seed

@@ -36,7 +36,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = _Parser(prog="edropout", description="EDropout: energy-based dropout and pruning.")
+    p.add_argument("--version", action="version", version=f"edropout {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a network (EDropout on digits with a small schedule by default)")
     for f in fields(TrainConfig):  # one option per field, its help from the field (experiments.config)
@@ -125,12 +128,24 @@ def run(args) -> int:
     return 0
 
 
+def as_flags(message: str) -> str:
+    """A message that starts with a TrainConfig field's name, with the command's flag in its place."""
+    name = message.split(" ", 1)[0]
+    if name in {f.name for f in fields(TrainConfig)}:
+        return "--" + name.replace("_", "-") + message[len(name):]
+    return message
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # what the command can do, rather than an error
+        parser().print_help(sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     try:
         return run(args)
     except RunError as e:
-        sys.stderr.write(f"edropout: {e}\n")
+        sys.stderr.write(f"edropout: {as_flags(str(e))}\n")
         return 2
     except (ProcessGroupFailure, RanksDisagree, Diverged) as e:
         sys.stderr.write(f"edropout: {e}\n")

@@ -261,5 +261,6 @@ def finetune_lr(config: TrainConfig) -> float:
 def summary_line(config: TrainConfig, run_dir: Path) -> str:
     """A run's first line: what is trained where (every setting is in config.json)."""
     steps = "" if config.limit_batches is None else f" of at most {config.limit_batches} steps"
-    return (f"{config.mode} {config.model} on {config.dataset}, {config.epochs} epochs{steps}, seed {config.seed}, "
+    epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
+    return (f"{config.mode} {config.model} on {config.dataset}, {epochs}{steps}, seed {config.seed}, "
             f"{config.device}: {run_dir} (settings in config.json)")

@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from .rundir import atomic_write_bytes, read_metrics
+from .config import RunError
+from .rundir import atomic_write_bytes, read_config, read_metrics
 
 
 def plot(run_dir) -> Optional[Path]:
@@ -20,9 +21,12 @@ def plot(run_dir) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     epochs = [m["epoch"] for m in metrics]
+    frozen = next((m["epoch"] for m in metrics if m.get("frozen")), None)
     series = lambda key: [np.nan if m.get(key) is None else m[key] for m in metrics]  # noqa: E731
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, keys, title in ((axes[0, 0], ("train_loss", "val_loss"), "loss"),
@@ -33,10 +37,18 @@ def plot(run_dir) -> Optional[Path]:
                             (axes[1, 2], ("diversity",), "population diversity (mean pairwise Hamming)")):
         for key in keys:
             ax.plot(epochs, series(key), marker=".", label=key.replace("_", " "))
+        if frozen is not None and any(m.get("frozen") is False for m in metrics):  # frozen during the run
+            ax.axvline(frozen, color="gray", linestyle="--", linewidth=1, label=f"frozen in epoch {frozen}")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
+    try:
+        config = read_config(run_dir)
+        fig.suptitle(f"{run_dir.name}: {config.mode}, {config.model} on {config.dataset}, seed {config.seed}")
+    except RunError:
+        fig.suptitle(run_dir.name)
     fig.tight_layout()
     atomic_write_bytes(run_dir / "plots.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

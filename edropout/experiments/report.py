@@ -251,9 +251,9 @@ def write_report(run_dir: Path, result: dict, heading: str, table: str, quiet: b
             f"steps' seconds and FLOPs of the runs that produced the row.{notes}\n\n{table}\n")
     if not quiet:  # printed first: a folder that cannot be written to still shows the result
         print(text)
-    write_text(run_dir / "report.json", strict_json(result, indent=2) + "\n")
     write_text(run_dir / "report.md", text)
     compare(run_dir, result)
+    write_text(run_dir / "report.json", strict_json(result, indent=2) + "\n")  # last: it marks the run finished
 
 
 def cost_notes(methods) -> str:

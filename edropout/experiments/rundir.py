@@ -28,6 +28,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -54,9 +55,12 @@ def atomic_write_bytes(path: Path, write) -> None:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run from colleagues
         with os.fdopen(fd, "wb") as f:
             write(f)
+            _test_kill(path, "partial", f)
             f.flush()
             os.fsync(f.fileno())
+        _test_kill(path, "written")
         os.replace(tmp, path)
+        _test_kill(path, "renamed")
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -70,6 +74,25 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+# Fault injection for the tests (tests/test_faults.py): EDROPOUT_TEST_KILL="<file name>:<phase>:<k>" sends
+# SIGKILL to this process in the k-th write of that file, at phase "partial" (half of it written, unsynced),
+# "written" (whole, before the rename) or "renamed" (after it)
+_KILL = os.environ.get("EDROPOUT_TEST_KILL", "").split(":")
+_KILL_WRITES: dict = {}
+
+
+def _test_kill(path: Path, phase: str, f=None) -> None:
+    if len(_KILL) != 3 or _KILL[0] != path.name or _KILL[1] != phase:
+        return
+    _KILL_WRITES[path.name] = _KILL_WRITES.get(path.name, 0) + 1
+    if _KILL_WRITES[path.name] == int(_KILL[2]):
+        if f is not None:  # keep half of what was written
+            f.flush()
+            f.truncate(max(0, f.tell() // 2))
+            f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class WriteFailed(RunError):
@@ -228,6 +251,10 @@ def create_run_dir(config: TrainConfig, runs: Optional[int] = None) -> Path:
         run_dir = Path("runs") / f"{config.dataset}-{config.model}-{config.mode}-{stamp}"
     else:
         run_dir = Path(config.run_dir)
+    if run_dir.is_dir():  # a start killed before config.json was written leaves only these
+        remove_leftovers(run_dir)
+        with contextlib.suppress(OSError):
+            (run_dir / ".write-probe").unlink()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise RunError(f"run directory {run_dir} already exists and is not empty (resume it with --resume)")
     try:

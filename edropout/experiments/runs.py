@@ -35,7 +35,8 @@ from .kinds import BASELINES, baseline_names, sibling_config
 from .loop import train_loop
 from .plots import plot
 from .report import aggregate, report
-from .rundir import check_original, config_of_values, config_values, create_run_dir, read_config
+from .rundir import (check_original, config_of_values, config_values, create_run_dir, holds_runs, read_config,
+                     remove_leftovers)
 
 __all__ = ["train", "train_runs", "resume", "plan"]
 
@@ -126,6 +127,11 @@ def run_plan(config: TrainConfig, resume: Optional[Path], quiet: bool, device: t
     if not quiet and rank0:
         print(summary_line(config, run_dir) + (f", {world} processes" if several else ""))
 
+    if rank0:  # a kill during a write leaves its temporary file, even in a sibling that had finished
+        several_runs = [run_dir.parent] if holds_runs(run_dir.parent) else []  # its aggregate report
+        for folder in several_runs + [Path(run.run_dir) for run in plan(config, run_dir)]:
+            if folder.is_dir():
+                remove_leftovers(folder)
     for run in plan(config, run_dir):
         if run is config:
             train_loop(config, run_dir, splits, device, quiet)
@@ -140,13 +146,13 @@ def run_plan(config: TrainConfig, resume: Optional[Path], quiet: bool, device: t
         if not quiet and rank0:
             print(summary_line(run, sibling_dir))
         train_loop(run, sibling_dir, splits, device, quiet)
-        if rank0:
-            report(sibling_dir, splits=splits, quiet=True)
+        if rank0:  # the report last: its report.json marks the sibling finished
             plot(sibling_dir)
+            report(sibling_dir, splits=splits, quiet=True)
 
     if rank0:
-        report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
         plot(run_dir)
+        report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
     return run_dir
 
 
