@@ -39,8 +39,9 @@ def load_slim(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn
     the file names; then the slim weights are loaded into it."""
     try:
         contents = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path}: not a slim file of edropout (it holds objects other than plain data)") from None
+    except pickle.UnpicklingError as e:
+        what = "it holds objects other than plain data" if "GLOBAL" in str(e) else "not a torch file"
+        raise ValueError(f"{path}: not a slim file of edropout ({what})") from None
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except Exception as e:  # noqa: BLE001  (torch.load raises many kinds for a file that is not its own)

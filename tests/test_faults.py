@@ -293,3 +293,45 @@ def test_kills_at_random_moments_resume_to_the_same_run(tmp_path, tiny, name, un
 def test_twenty_kills_at_random_moments_resume_to_the_same_run(tmp_path, tiny, name, uninterrupted):
     seed = int.from_bytes(os.urandom(4), "little")
     assert _killed_at_random_moments(tmp_path, name, 20, seed, uninterrupted) >= 10, seed
+
+
+# ---------------------------------------------------------------------- the library's rarer errors
+
+def test_the_librarys_rarer_errors_are_one_line_naming_the_argument(tmp_path, tiny, gen):
+    import warnings
+
+    import torch
+
+    import edropout
+    from edropout import models
+    model = models.build("tiny", 1, 10)
+    ed = edropout.EDropout(model)
+    for call, words in ((lambda: ed.freeze(torch.ones(3)), f"state must be a tensor of shape [{ed.units.num_units}]"),
+                        (lambda: edropout.EDropout(models.build("tiny", 1, 10), p_init=0), "p_init must be in (0, 1]")):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert words in str(e.value) and "\n" not in str(e.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        edropout.EDropout(models.build("tiny", 1, 10)).step()
+    assert [str(w.message) for w in caught if "before any forward" in str(w.message)], [str(w.message) for w in caught]
+    (tmp_path / "notes.txt").write_text("not a torch file")
+    with pytest.raises(ValueError, match="notes.txt: not a slim file of edropout .not a torch file"):
+        edropout.load_slim(tmp_path / "notes.txt")
+    state = (torch.rand(ed.units.num_units, generator=gen) < 0.5) | ed.always_kept.cpu()
+    edropout.save_slim(tmp_path / "own.pt", edropout.slim(model, state, ed.units), state, {"model": "my-net"})
+    with pytest.raises(ValueError, match="'my-net', is not one of edropout.models; pass model="):
+        edropout.load_slim(tmp_path / "own.pt")
+    assert edropout.load_slim(tmp_path / "own.pt", model=models.build("tiny", 1, 10)) is not None
+
+
+def test_the_command_without_arguments_shows_its_help_and_names_flags(tmp_path, capsys):
+    assert cli.main([]) == 2
+    assert "{train,eval,export}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("edropout ")
+    assert cli.main(["train", "--epochs", "0", "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == "edropout: --epochs must be a positive integer; got 0"
+    from edropout.experiments.config import TrainConfig, summary_line
+    assert ", 1 epoch, " in summary_line(TrainConfig(epochs=1), tmp_path)
