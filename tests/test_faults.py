@@ -169,8 +169,8 @@ def test_a_read_only_folder_shows_the_result_then_one_line(tmp_path, tiny, monke
     captured = capsys.readouterr()
     assert "| EDropout(P) |" in captured.out  # the result, printed before anything is written
     err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and "report.json: not written (EROFS: Read-only file system)" in err, err
-    assert "the previous report.json is intact" in err and (run_dir / "report.json").read_text() == before
+    assert len(err.splitlines()) == 1 and "report.md: not written (EROFS: Read-only file system)" in err, err
+    assert "the previous report.md is intact" in err and (run_dir / "report.json").read_text() == before
 
 
 # ------------------------------------------------------------------------------------------ kills

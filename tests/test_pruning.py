@@ -73,7 +73,8 @@ def test_slim_training_equals_masked_training(name, optimizer):
     for x, y in after:
         expected = train_step(masked, opt_m, sched_m, x, y)
         got = train_step(small, opt_p, sched_p, x, y)
-        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        # float32 sums in another order (slim against masked), amplified by Adadelta's steps: 3e-4 seen
+        assert got == pytest.approx(expected, rel=1e-3, abs=1e-5), f"state seed {seed}"
     assert opt_p.param_groups[0]["lr"] == opt_m.param_groups[0]["lr"]  # the scheduler carried on
 
     # the kept parameters: the masked network's, slimmed now, against the slim network trained

@@ -483,12 +483,12 @@ def test_compare_original_trains_the_original_beside(tmp_path, tiny):
 
 def test_cli_bad_new_options(tmp_path, capsys):
     from edropout.experiments.cli import main
-    for args, word in ((["--energy", "spin"], "energy"), (["--keep-rate", "1.5"], "keep_rate"),
+    for args, word in ((["--energy", "spin"], "energy"), (["--keep-rate", "1.5"], "--keep-rate"),
                        (["--evolution", "binary"], "evolution"), (["--applied", "mean"], "applied"),
-                       (["--freeze-by", "-1"], "freeze_by"), (["--mutation", "2"], "mutation"),
+                       (["--freeze-by", "-1"], "--freeze-by"), (["--mutation", "2"], "mutation"),
                        (["--applied", "anneal", "--freeze-by", "0"], "anneal"),
-                       (["--bn-calibration", "-1"], "bn_calibration"),
-                       (["--mode", "original", "--compare-original"], "compare_original")):
+                       (["--bn-calibration", "-1"], "--bn-calibration"),
+                       (["--mode", "original", "--compare-original"], "--compare-original")):
         assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and word in err, err
@@ -663,7 +663,7 @@ def test_cli_bad_baselines(tmp_path, capsys):
     from edropout.experiments.cli import main
     for args, word in ((["--baselines", "scratch,prune"], "'prune'"),
                        (["--baselines", "scratch", "--mode", "random"], "mode edropout"),
-                       (["--finetune-epochs", "0"], "finetune_epochs"),
+                       (["--finetune-epochs", "0"], "--finetune-epochs"),
                        (["--original-dir", str(tmp_path / "none")], "config.json"),
                        (["--mode", "scratch"], "--baselines scratch")):
         assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2

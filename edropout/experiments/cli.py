@@ -130,7 +130,7 @@ def run(args) -> int:
 
 def as_flags(message: str) -> str:
     """A message that starts with a TrainConfig field's name, with the command's flag in its place."""
-    name = message.split(" ", 1)[0]
+    name = message.split(" ", 1)[0].rstrip(",:;")
     if name in {f.name for f in fields(TrainConfig)}:
         return "--" + name.replace("_", "-") + message[len(name):]
     return message
