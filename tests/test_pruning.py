@@ -80,13 +80,16 @@ def test_slim_training_equals_masked_training(name, optimizer):
     # the kept parameters: the masked network's, slimmed now, against the slim network trained
     expected_small = slim(masked, ed_masked.state, ed_masked.units)
     got_params = dict(small.state_dict())
+    # Float32 sums in another order differ by ~1e-7, and at Adadelta's learning rate 1.0 a step now and then
+    # turns such a difference into ~1e-3 in a few weights (a max-pool or ReLU decided the other way: seen in
+    # 4 of 25 states); a wrong slice of a parameter or of its optimiser state differs by the weights' own size
     for key, value in expected_small.state_dict().items():
-        assert torch.allclose(got_params[key].float(), value.float(), rtol=1e-3, atol=1e-5), key
+        assert torch.allclose(got_params[key].float(), value.float(), rtol=1e-2, atol=5e-3), (key, seed)
     # validation: the slim network's eval outputs are the masked network's
     x = torch.randn(4, 3, 32, 32)
     masked.eval(), small.eval()
     with torch.no_grad():
-        assert torch.allclose(small(x), masked(x), rtol=1e-3, atol=1e-4)
+        assert torch.allclose(small(x), masked(x), rtol=1e-2, atol=1e-2), seed
     # written back, the full network with its state applied is the slim network again
     pruned.write_back()
     ed_pruned.model.eval()
