@@ -176,11 +176,8 @@ def test_a_read_only_folder_shows_the_result_then_one_line(tmp_path, tiny, monke
 # ------------------------------------------------------------------------------------------ kills
 
 def _python(code, env=None):
-    import subprocess
-    import sys
-    from test_train import ROOT, TINY
-    return subprocess.Popen([sys.executable, "-c", TINY + code], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    from test_train import python
+    return python(code, env={**os.environ, **(env or {})})
 
 
 def _start_or_resume(config):

@@ -12,14 +12,22 @@ from .config import RunError
 from .rundir import atomic_write_bytes, read_config, read_metrics
 
 
-def plot(run_dir) -> Optional[Path]:
-    """plots.png: per epoch, loss, top-1, best and mean population energy, the kept and ever-kept fractions,
-    the changes of the applied state and the population's diversity (None without matplotlib)."""
+def _pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(run_dir) -> Optional[Path]:
+    """plots.png: per epoch, loss, top-1, best and mean population energy, the kept and ever-kept fractions,
+    the changes of the applied state and the population's diversity (None without matplotlib)."""
+    plt = _pyplot()
+    if plt is None:
         return None
     from matplotlib.ticker import MaxNLocator
 
@@ -61,11 +69,8 @@ def compare(run_dir, result: dict) -> Optional[Path]:
     has them (an aggregate). Left out, as they are in the table: post-hoc rows (a state chosen afterwards,
     nothing trained for it) and "(F)" rows (every unit put back into a pruned network: a diagnostic, not a
     network one would deploy). None without matplotlib or without a row to show."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     std = result.get("std") or [{} for _ in result["rows"]]
     shown = [(row, spread) for row, spread in zip(result["rows"], std)

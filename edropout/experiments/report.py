@@ -154,7 +154,7 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
 
     if ed is None:
         return [_row("Original", measure(), 100.0, total, 100.0, full_flops, own)]
-    prunable = ~ed.units.always_kept()
+    prunable = ed.prunable.bool().cpu()
 
     def state_row(name, state, cost):
         with ed.applying(state):

@@ -104,7 +104,6 @@ class WriteFailed(RunError):
             "ENOSPC: no space left on device" if not isinstance(error, OSError) else str(error))
         kept = f"the previous {path.name} is intact" if existed else f"no {path.name} was there before"
         super().__init__(f"{path}: not written ({reason}); {kept}")
-        self.path = path
 
 
 def _disk_full(folder: Path) -> bool:
