@@ -6,7 +6,11 @@
 # sanitize (compute-sanitizer memcheck and racecheck over the CUDA op tests), train (EDropout on digits on
 # the GPU, report printed), kernels (benchmarks/kernels.py), speed (benchmarks/speed.py with profiles),
 # phase (benchmarks/dropout_phase.py on Fashion-MNIST for each of PHASE_SEEDS; the data from
-# $EDROPOUT_SYSTEM_DATA/fashion-mnist, carried with the call).
+# $EDROPOUT_SYSTEM_DATA/fashion-mnist, carried with the call), released (ours against the released code's
+# choices, one at a time and as --preset reference, on digits (the command's schedule, six runs at once)
+# and on Fashion-MNIST (the README's short schedule, seed 0: ours with each stem, the preset), run
+# directories without checkpoints in $OUT/released.tgz).
+# Stages run one after another; for two at once, call the script twice (e.g. tests in the background).
 # Stage time limits: TEST_SECONDS, SANITIZE_SECONDS, TRAIN_SECONDS, BENCH_SECONDS, PHASE_SECONDS (per seed);
 # extra arguments: TEST_ARGS (default: the whole suite), SANITIZE_TESTS, KERNELS_ARGS, SPEED_ARGS,
 # PHASE_ARGS. At most 8 files come back from $OUT.
@@ -83,6 +87,32 @@ for s in "$@"; do
         cat /tmp/phase-seed$seed.md >>"$OUT/phase.md" 2>/dev/null
       done
       grep -E "^\| [a-z]" "$OUT/phase.log" ;;
+    released)
+      stage released
+      R=/tmp/released; rm -rf $R; mkdir -p $R
+      keep() { tar czf "$OUT/released.tgz" --exclude="*.pt" -C $R .; }  # after each run: a cut call keeps the rest
+      FASHION="--dataset fashion --epochs 10 --limit-batches 60 --batch-size 128 --lr-step 3 --seed 0 --device cuda --quiet"
+      declare -A digits=([ours]="" [stem-cifar]="--stem cifar" [energy-margin]="--energy margin"
+                         [prunable-reference]="--prunable reference" [freeze-reference]="--freeze reference"
+                         [preset-reference]="--preset reference")
+      for name in "${!digits[@]}"; do  # at once, with the first Fashion run: accuracies, their seconds shared
+        timeout ${TRAIN_SECONDS:-240} $PY -m edropout train --device cuda --quiet ${digits[$name]} \
+          --run-dir $R/digits-$name >$R/digits-$name.log 2>&1 &
+      done
+      timeout ${TRAIN_SECONDS:-240} $PY -m edropout train $FASHION --compare-original --run-dir $R/fashion-ours \
+        >$R/fashion-ours.log 2>&1 &
+      wait; keep
+      for run in "fashion-ours-cifar --stem cifar --compare-original" \
+                 "fashion-reference --preset reference --original-dir $R/fashion-ours-cifar/original"; do
+        set -- $run; name=$1; shift
+        timeout ${TRAIN_SECONDS:-240} $PY -m edropout train $FASHION "$@" --run-dir $R/$name >$R/$name.log 2>&1 \
+          || fail "released $name"
+        keep
+      done
+      for f in $R/*/report.md $R/*.log; do echo "--- $f"; grep -E "^\|" "$f" || tail -3 "$f"; done
+      $PY benchmarks/kept_as_published.py $R/fashion-ours $R/fashion-ours-cifar $R/fashion-reference \
+        $R/digits-ours $R/digits-preset-reference 2>&1 | tee $R/kept-as-published.md
+      keep ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

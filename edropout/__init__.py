@@ -19,14 +19,14 @@ except ImportError as e:
 from . import criteria, energies, ops, reference
 from .controller import EDropout
 from .earlybird import EarlyBird
-from .energies import EnergyLoss, IsingEnergy
-from .freezing import FreezeRule
+from .energies import EnergyLoss, IsingEnergy, MarginEnergy
+from .freezing import FreezeRule, ReleasedCodeRule
 from .pruning import PrunedNetwork, prune
 from .slim import kept_parameters, slim
 from .slimfile import load_slim, save_slim
 from .units import Layer, PrunableUnits, prunable_units
 
-__all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "energies", "criteria", "ops", "reference", "prunable_units",
+__all__ = ["EDropout", "IsingEnergy", "EnergyLoss", "MarginEnergy", "energies", "criteria", "ops", "reference", "prunable_units",
            "PrunableUnits", "Layer", "slim", "kept_parameters", "load_slim", "save_slim", "prune", "PrunedNetwork",
-           "FreezeRule", "EarlyBird"]
+           "FreezeRule", "ReleasedCodeRule", "EarlyBird"]
 __version__ = "0.1.0"

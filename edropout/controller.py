@@ -149,21 +149,20 @@ class EDropout:
         with torch.no_grad():
             if several and self.masks.collect:  # the forward since the last step sampled this rank's batch
                 distributed.average_across_ranks_(self.masks.activity)
-            self._refresh_if_due()
+            self._refresh_if_due(batch)
             K = self.population.shape[0]
-            if self.energy.depends_on_batch:
+            if self.energy.depends_on_batch and self.energy.rescores_parents:
                 trials = self._trials()
-                scores = self.energy(torch.cat([self.population, trials]), batch)
-                if several:  # scored on this rank's batch: the mean over the ranks is the global batch's
-                    distributed.average_across_ranks_(scores)
+                scores = self._scores(torch.cat([self.population, trials]), batch)
                 result = ops.select(self.population, scores[:K], trials, scores[K:])
-            else:  # a fused step where the energy offers one (a keep_rate repairs the trials in between)
+            else:  # parents keep their energies; a fused step where the energy offers one (a keep_rate
+                # repairs the trials in between)
                 result = None if self.keep_rate is not None else self.energy.evolve_step(
                     self.population, self.energies, self.seed, self.steps, self.mutation, self.crossover,
                     self.always_kept, self.rule)
                 if result is None:
                     trials = self._trials()
-                    result = ops.select(self.population, self.energies, trials, self.energy(trials, batch))
+                    result = ops.select(self.population, self.energies, trials, self._scores(trials, batch))
             self.population, self.energies, best = result
             self._record_best(best)
             self._apply_state(self._chosen_state())
@@ -171,7 +170,8 @@ class EDropout:
                 self._check_ranks()
         self.steps += 1
         self.masks.collect = self.steps % self.activity_every == 0  # sample the activity of the next forward
-        if self.freeze_rule.settled(self.steps, self.masks.mask, self.prunable):
+        best_energy = None if self.energies is None else self.energies[self.best]
+        if self.freeze_rule.settled(self.steps, self.masks.mask, self.prunable, best_energy):
             self.freeze()
 
     def end_epoch(self, state: Optional[Tensor] = None) -> None:
@@ -322,15 +322,26 @@ class EDropout:
                             self.rule)
         return self._repair(trials, self.steps)
 
-    def _refresh_if_due(self) -> None:
+    def _refresh_if_due(self, batch) -> None:
+        """Refresh the energy's terms when due, and score the population where its energies are kept
+        between steps: after each refresh (an energy of the network alone), or once (an energy whose
+        parents are not re-scored, on this batch)."""
         period = self.energy.refresh_every
         first = self.energies is None
         if first or (period is not None and self.steps % period == 0):
             self.energy.refresh(self.masks.activity)
-            if not self.energy.depends_on_batch:
-                self.energies = self.energy(self.population, None)
+            if not self.energy.depends_on_batch or (first and not self.energy.rescores_parents):
+                self.energies = self._scores(self.population, batch)
                 if first:
                     self._record_best(torch.argmin(self.energies.nan_to_num(float("inf"))))
+
+    def _scores(self, states: Tensor, batch) -> Tensor:
+        """The energies of ``states``; on several processes, a batch-dependent energy's scores of this
+        rank's batch averaged over the ranks (the global batch's)."""
+        scores = self.energy(states, batch)
+        if self.energy.depends_on_batch and distributed.active():
+            distributed.average_across_ranks_(scores)
+        return scores
 
     def _check_ranks(self) -> None:
         """Checksums of the population, its energies and the applied state, compared across the ranks."""
@@ -358,15 +369,16 @@ class EDropout:
                           f"network does not call those layers through their own forward, so dropping their "
                           f"units has no effect; pass exclude=[...] to leave them out", stacklevel=3)
 
-    def _candidate_logits(self, states: Tensor, inputs: Tensor) -> Tensor:
+    def _candidate_logits(self, states: Tensor, inputs: Tensor, batch_statistics: bool = False) -> Tensor:
         """The network's logits [M, B, classes] for ``inputs`` [B, ...] with each of the M ``states``
-        applied: one batched forward in eval mode (BatchNorm's running statistics, so no state's logits
-        depend on the others'), without gradients."""
+        applied: one batched forward in eval mode, without gradients; BatchNorm with its running statistics,
+        or with ``batch_statistics`` each state's own statistics of the batch (no state's logits depend on
+        the others' either way)."""
         M, B = states.shape[0], inputs.shape[0]
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), self.masks.candidates(states):
+            with torch.no_grad(), self.masks.candidates(states, batch_statistics):
                 return self.model(inputs.repeat(M, *[1] * (inputs.dim() - 1))).view(M, B, -1)
         finally:
             self.model.train(was_training)

@@ -23,6 +23,12 @@ max_{j≠y} z_j − z_y, z the logits of the network with the candidate's mask, 
 forward with BatchNorm's running statistics (so no candidate's score depends on the others sharing the
 batch). It depends on the batch, so the controller scores the population and the trials together on the
 same batch at every step.
+
+Margin energy (the released code's score as it runs, ``MarginEnergy``): 10 × the energy loss on the whole
+batch, i.e. −10 × the batch mean of the margin z_y − max_{j≠y} z_j, each candidate's BatchNorm with its own
+batch statistics (as the released code's train-mode forwards, one per candidate; the running statistics
+that validation uses are left untouched), and a state's energy kept from the batch on which it was scored:
+only the trials are scored, against their parents' energies from earlier batches.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from torch import Tensor
 from . import ops
 from .units import PrunableUnits
 
-__all__ = ["Energy", "IsingEnergy", "EnergyLoss", "WeightedSum"]
+__all__ = ["Energy", "IsingEnergy", "EnergyLoss", "MarginEnergy", "WeightedSum"]
 
 Batch = Optional[Tuple[Tensor, Tensor]]
-CandidateLogits = Callable[[Tensor, Tensor], Tensor]  # (states [M, D], inputs [B, ...]) -> logits [M, B, classes]
+# (states [M, D], inputs [B, ...], batch_statistics) -> logits [M, B, classes]
+CandidateLogits = Callable[..., Tensor]
 
 
 class Energy:
@@ -46,14 +53,18 @@ class Energy:
 
     The controller gives an energy what it may need, and nothing more: ``attach(units, candidate_logits)``
     once (the network's :class:`~edropout.units.PrunableUnits`, whose kernels follow the weights, and
-    ``candidate_logits(states, inputs) -> [M, B, classes]``, the network's eval-mode logits with each of M
-    states applied); ``refresh(activity)`` every ``refresh_every`` steps (the units' activity, for terms
-    that follow the network). An energy whose value depends on the batch sets ``depends_on_batch = True``.
+    ``candidate_logits(states, inputs, batch_statistics=False) -> [M, B, classes]``, the network's eval-mode
+    logits with each of M states applied, BatchNorm with each state's own batch statistics when asked);
+    ``refresh(activity)`` every ``refresh_every`` steps (the units' activity, for terms that follow the
+    network). An energy whose value depends on the batch sets ``depends_on_batch = True``; the controller
+    then scores the population again on each batch with the trials, unless ``rescores_parents = False``
+    (a state's energy kept from when it was scored).
     An energy may offer ``evolve_step`` (evolution, scoring and selection in one op); the controller uses
     it when offered.
     """
 
     depends_on_batch = False
+    rescores_parents = True
     refresh_every: Optional[int] = None
 
     def attach(self, units: PrunableUnits, candidate_logits: CandidateLogits) -> None:
@@ -93,6 +104,7 @@ class WeightedSum(Energy):
             inner = energy.terms if isinstance(energy, WeightedSum) else [(1.0, energy)]
             self.terms += [(weight * w, e) for w, e in inner]
         self.depends_on_batch = any(e.depends_on_batch for _, e in self.terms)
+        self.rescores_parents = all(e.rescores_parents for _, e in self.terms if e.depends_on_batch)
         periods = [e.refresh_every for _, e in self.terms if e.refresh_every]
         self.refresh_every = min(periods) if periods else None
 
@@ -195,9 +207,35 @@ class EnergyLoss(Energy):
         inputs, targets = batch
         if self.subbatch is not None:
             inputs, targets = inputs[: self.subbatch], targets[: self.subbatch]
-        M, B = states.shape[0], inputs.shape[0]
-        logits = self.candidate_logits(states, inputs).float()
-        index = targets.view(1, B, 1).expand(M, B, 1)
-        true = logits.gather(2, index)
-        others = logits.scatter(2, index, float("-inf")).amax(dim=2, keepdim=True)
-        return (others - true).squeeze(2).mean(dim=1)
+        return -margins(self.candidate_logits(states, inputs).float(), targets).mean(dim=1)
+
+
+class MarginEnergy(Energy):
+    """The released code's energy (module docstring): −10 × the mean margin on the whole batch, each state's
+    BatchNorm with its own batch statistics, parents' energies kept from when they were scored."""
+
+    depends_on_batch = True
+    rescores_parents = False
+    SCALE = 10.0  # the released code's factor (ising_cost's -10*const); it changes no comparison
+
+    def __init__(self):
+        self.candidate_logits: Optional[CandidateLogits] = None
+
+    def attach(self, units, candidate_logits) -> None:
+        self.candidate_logits = candidate_logits
+
+    def __call__(self, states, batch=None):
+        if batch is None:
+            raise ValueError("MarginEnergy needs the batch: call controller.step(inputs, targets)")
+        inputs, targets = batch
+        logits = self.candidate_logits(states, inputs, batch_statistics=True).float()
+        return -self.SCALE * margins(logits, targets).mean(dim=1)
+
+
+def margins(logits: Tensor, targets: Tensor) -> Tensor:
+    """z_y − max_{j≠y} z_j of logits [M, B, classes] for targets [B]: [M, B]."""
+    M, B = logits.shape[:2]
+    index = targets.view(1, B, 1).expand(M, B, 1)
+    true = logits.gather(2, index)
+    others = logits.scatter(2, index, float("-inf")).amax(dim=2, keepdim=True)
+    return (true - others).squeeze(2)

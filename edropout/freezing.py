@@ -11,6 +11,8 @@ The state freezes once it has **settled**, or at a **deadline**, whichever comes
 
 ``distance=None`` never settles, ``deadline=None`` has no deadline; both None: the state freezes only when
 told to (``EDropout.freeze``).
+
+:class:`ReleasedCodeRule` is the released research code's rule instead of settling (``--freeze reference``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["FreezeRule"]
+__all__ = ["FreezeRule", "ReleasedCodeRule"]
 
 
 class FreezeRule:
@@ -40,9 +42,9 @@ class FreezeRule:
         self.history: List[Tensor] = []  # the last `window` recorded states (bool [D])
         self.distances: List[float] = []
 
-    def settled(self, step: int, state: Tensor, prunable: Tensor) -> bool:
-        """After training step ``step`` (counted from 1) with ``state`` applied: whether it has settled
-        (records the state every ``every`` steps)."""
+    def settled(self, step: int, state: Tensor, prunable: Tensor, best_energy: Optional[Tensor] = None) -> bool:
+        """After training step ``step`` (counted from 1) with ``state`` applied (``best_energy``: the
+        population's best energy then): whether it has settled (records the state every ``every`` steps)."""
         if step % self.every:
             return False
         self.history = (self.history + [state.bool().clone()])[-self.window:]
@@ -68,3 +70,43 @@ class FreezeRule:
     def __repr__(self) -> str:
         return (f"FreezeRule(distance={self.distance}, window={self.window}, every={self.every}, "
                 f"deadline={self.deadline})")
+
+
+class ReleasedCodeRule(FreezeRule):
+    """The released code's rule (its edropout.py, lines 571-581): from epoch ``start`` (counted from 1) on,
+    from the 12th batch of each epoch of ``epoch_steps`` steps (its ``batch_idx > 10``), the state freezes
+    once the population's best energy equals one of the 9 before it (its ``collect_cost_best_state[-10:-1]
+    == collect_cost_best_state[-1]``). With parents' energies kept from when they were scored
+    (:class:`~edropout.energies.MarginEnergy`), the best energy repeats whenever no trial beats the best, so
+    the state freezes within a few steps of that batch. ``deadline``: as :class:`FreezeRule`'s."""
+
+    WINDOW = 9  # best energies before the newest that it is compared with
+    FIRST_BATCH = 11  # the first batch of an epoch (counted from 0) before which the rule is checked
+
+    def __init__(self, start: int, epoch_steps: int, deadline: Optional[int] = None):
+        super().__init__(deadline=deadline)
+        for name, value in (("start", start), ("epoch_steps", epoch_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+        self.start, self.epoch_steps = start, epoch_steps
+        self.best_energies: List[Tensor] = []  # the last WINDOW + 1, device tensors (no sync per step)
+
+    def settled(self, step: int, state: Tensor, prunable: Tensor, best_energy: Optional[Tensor] = None) -> bool:
+        if best_energy is None:
+            return False
+        self.best_energies = (self.best_energies + [best_energy.detach().reshape(()).clone()])[-(self.WINDOW + 1):]
+        epoch, batch = divmod(step, self.epoch_steps)  # of the next step, from 0
+        if epoch + 1 < self.start or batch < self.FIRST_BATCH or len(self.best_energies) < 2:
+            return False
+        *before, newest = self.best_energies
+        return bool((torch.stack([e.to(newest.device) for e in before]) == newest).any())
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_energies": [e.cpu() for e in self.best_energies]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.best_energies = list(state.get("best_energies", []))
+
+    def __repr__(self) -> str:
+        return f"ReleasedCodeRule(start={self.start}, epoch_steps={self.epoch_steps}, deadline={self.deadline})"

@@ -17,7 +17,9 @@ multiplied by the mask. Either way a dropped unit's weights get exactly zero gra
 are, so a unit dropped now can come back later.
 
 While scoring K candidate states in one batched forward (:meth:`UnitMasks.candidates`), the batch is
-repeated K times and part k of it gets candidate k's mask (multiplied in). The masks also keep, when asked,
+repeated K times and part k of it gets candidate k's mask (multiplied in). With ``batch_statistics``, every
+BatchNorm normalises part k with part k's own batch statistics (as K separate train-mode forwards would, the
+running statistics untouched). The masks also keep, when asked,
 a running mean of each unit's activity (mean |output| before masking) for the Ising energy's fields.
 """
 
@@ -57,6 +59,8 @@ class UnitMasks:
         self.collect = False
         self.enabled = True
         self._candidates: Optional[torch.Tensor] = None
+        self._batch_statistics = False
+        self._batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._handles = []
         self._absorbing = []  # modules whose forward is replaced by one that absorbs the mask
         self.ran: Optional[set] = set()  # first units of the layers whose masking ran, until not_run()
@@ -117,13 +121,35 @@ class UnitMasks:
         self._absorbing = []
 
     @contextlib.contextmanager
-    def candidates(self, states: torch.Tensor):
-        """Within the context, a forward of a batch repeated K times applies state k to part k."""
-        previous, self._candidates = self._candidates, states.to(self.mask.dtype)
+    def candidates(self, states: torch.Tensor, batch_statistics: bool = False):
+        """Within the context, a forward of a batch repeated K times applies state k to part k; with
+        ``batch_statistics``, each BatchNorm normalises part k with its own batch statistics."""
+        previous = self._candidates, self._batch_statistics
+        self._candidates, self._batch_statistics = states.to(self.mask.dtype), batch_statistics
+        patched = []
+        if batch_statistics:  # the BatchNorms that do not absorb a mask: through their own forward
+            for bn in self._batchnorms:
+                if "forward" not in bn.__dict__:
+                    bn.forward = partial(self._candidate_batchnorm, bn)
+                    patched.append(bn)
         try:
             yield
         finally:
-            self._candidates = previous
+            for bn in patched:
+                del bn.forward
+            self._candidates, self._batch_statistics = previous
+
+    def _candidate_batchnorm(self, bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        """``bn`` on a batch of K candidates' parts: each part's own batch statistics, or the running ones."""
+        if not self._batch_statistics:
+            return _BatchNorm.forward(bn, x)
+        K, C = self._candidates.shape[0], x.shape[1]
+        # (candidate, channel) pairs as channels: one batch_norm call gives each part its own statistics
+        parts = x.reshape(K, -1, *x.shape[1:]).transpose(0, 1).reshape(-1, K * C, *x.shape[2:])
+        weight = None if bn.weight is None else bn.weight.repeat(K)
+        bias = None if bn.bias is None else bn.bias.repeat(K)
+        y = F.batch_norm(parts, None, None, weight, bias, True, 0.0, bn.eps)
+        return y.view(-1, K, C, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
 
     def _multiply(self, x: torch.Tensor, start: int, stop: int, channel_dim: int) -> torch.Tensor:
         shape = [1] * x.dim()
@@ -151,8 +177,10 @@ class UnitMasks:
     def _batchnorm(self, start, stop, bn, x):
         """``bn``'s forward, its affine parameters masked (the activation multiplied when scoring candidates)."""
         self._note_ran(start)
-        if not self.enabled or self._candidates is not None:
+        if not self.enabled:
             return self._after(start, stop, bn, (x,), _BatchNorm.forward(bn, x))
+        if self._candidates is not None:
+            return self._after(start, stop, bn, (x,), self._candidate_batchnorm(bn, x))
         mask = self._layer_mask[start]
         mask = mask if mask.dtype == x.dtype else mask.to(x.dtype)
         if self.collect and bn.training:  # the unmasked output's activity, from the batch's statistics

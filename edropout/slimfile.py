@@ -22,8 +22,9 @@ SLIM_FORMAT = "edropout.slim/1"
 def save_slim(path, small: nn.Module, state: torch.Tensor, architecture: Mapping) -> Dict:
     """The contents of a slim file for ``small`` (the slim model of ``state``), plain data that
     :func:`load_slim` reads with ``weights_only=True``: the slim weights, the state and ``architecture``
-    (``{"model", "in_channels", "num_classes"}`` of ``edropout.models.build``). Written to ``path`` unless
-    it is None."""
+    (``{"model", "in_channels", "num_classes", "stem"}`` of ``edropout.models.build``, and ``"exclude"``, the
+    layers the state leaves out, as ``EDropout``'s ``exclude`` names them). Written to ``path`` unless it is
+    None."""
     contents = {"format": SLIM_FORMAT, "architecture": dict(architecture),
                 "state": state.detach().cpu().to(torch.uint8), "state_dict": small.state_dict()}
     if path is not None:
@@ -55,8 +56,8 @@ def load_slim(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn
         if arch.get("model") not in models.MODELS:
             raise ValueError(f"{path}: its network, {arch.get('model')!r}, is not one of edropout.models; pass "
                              f"model= (a fresh instance of the unslimmed architecture) to load_slim")
-        model = models.build(arch["model"], arch["in_channels"], arch["num_classes"])
-    units = prunable_units(model)
+        model = models.build(arch["model"], arch["in_channels"], arch["num_classes"], stem=arch.get("stem", "imagenet"))
+    units = prunable_units(model, contents["architecture"].get("exclude", []))
     if contents["state"].numel() != units.num_units:
         raise ValueError(f"model: a network of {units.num_units} prunable units; {path} holds a state of "
                          f"{contents['state'].numel()}")

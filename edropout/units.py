@@ -26,7 +26,7 @@ from typing import Iterable, List, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["Layer", "PrunableUnits", "prunable_units"]
+__all__ = ["Layer", "PrunableUnits", "prunable_units", "released_code_exclude"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,19 @@ def prunable_units(model: nn.Module, exclude: Iterable[Union[str, nn.Module]] = 
     if isinstance(last, nn.Linear):
         layers.append(Layer(last_name, "classifier_out", last.out_features, start, True, last))
     return PrunableUnits(layers)
+
+
+def released_code_exclude(model: nn.Module) -> List[str]:
+    """The layers the released research code never masks, as an ``exclude`` list for a ResNet: all but every
+    block's ``conv2`` and the classifier (the code masks the state-dict keys containing ``conv2`` and the
+    ``fc`` inputs). Its ``sparsifier`` also skips the first ``conv2`` (``layer1.0.conv2``: in the state,
+    never masked); here that layer is prunable like the others, since units a state holds but never applies
+    would only blur the search."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not any(n.endswith(".conv2") for n in names) or not isinstance(model.get_submodule(names[-1]), nn.Linear):
+        raise ValueError("model: the released code's prunable layers are a ResNet's: blocks with a conv2 and a "
+                         "Linear classifier")
+    return [n for n in names[:-1] if not n.endswith(".conv2")]
 
 
 def is_attention(module: nn.Module) -> bool:

@@ -38,7 +38,7 @@ def _tiny(in_channels, num_classes):
 _build = models.build
 models.MODELS = models.MODELS + ("tiny",)
 models.INPUT_SIZE = {**models.INPUT_SIZE, "tiny": 8}
-models.build = lambda name, c, n: _tiny(c, n) if name == "tiny" else _build(name, c, n)
+models.build = lambda name, c, n, stem="imagenet": _tiny(c, n) if name == "tiny" else _build(name, c, n, stem)
 '''
 
 

@@ -5,7 +5,7 @@ optimiser and its schedule, each epoch's batches; and a finished run opened agai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import distributed, models
 from ..controller import EDropout
-from ..energies import EnergyLoss, IsingEnergy
+from ..energies import EnergyLoss, IsingEnergy, MarginEnergy
+from ..units import released_code_exclude
 from . import data
 from .config import RunError, TrainConfig, check_config, first_lr, freeze_rule
 from .kinds import KINDS
@@ -33,16 +34,23 @@ def build_network(config: TrainConfig, in_channels: int, num_classes: int, devic
     controller (None for a kind without one: original); its state as built (a kind's ``start`` sets its own); ``train_size``: training samples (an epoch's steps set how often
     the freeze rule records the state; 0 for a network that is not trained on)."""
     torch.manual_seed(config.seed)
-    model = models.build(config.model, in_channels, num_classes).to(config.device if device is None else device)
+    model = models.build(config.model, in_channels, num_classes, stem=config.stem)
+    model = model.to(config.device if device is None else device)
     kind = KINDS[config.mode]
     if not kind.controller:
         return model, None
-    energy = EnergyLoss() if config.energy == "loss" else IsingEnergy(refresh_every=config.refresh_every)
+    energy = {"ising": lambda: IsingEnergy(refresh_every=config.refresh_every), "loss": EnergyLoss,
+              "margin": MarginEnergy}[config.energy]()
     ed = EDropout(model, energy=energy, population=config.population, p_init=config.p_init,
                   mutation=config.mutation, rule=config.evolution, applied=config.applied,
                   keep_rate=config.keep_rate if kind.search == "edropout" else None,
-                  freeze=freeze_rule(config, train_size), seed=config.seed)
+                  freeze=freeze_rule(config, train_size), seed=config.seed, exclude=excluded_layers(config, model))
     return model, ed
+
+
+def excluded_layers(config: TrainConfig, model: nn.Module) -> List[str]:
+    """The layers ``config.prunable`` leaves out of the state."""
+    return released_code_exclude(model) if config.prunable == "reference" else []
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

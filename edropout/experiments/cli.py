@@ -26,7 +26,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..distributed import ProcessGroupFailure, RanksDisagree
-from .config import SMALL, Diverged, RunError, TrainConfig, help_text
+from .config import PRESETS, SMALL, Diverged, RunError, TrainConfig, help_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
             t.add_argument(flag, type=kind, default=None, help=help_text(f.name))
+    t.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="reference: the released research code's choices at once (--stem cifar --energy margin "
+                        "--prunable reference --freeze reference); flags given beside it win")
     t.add_argument("--runs", type=int, default=1, help="runs with seeds seed..seed+runs-1 in RUN_DIR/seed-<s>, "
                                                         "reported as mean ± std (default 1)")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
@@ -78,6 +81,7 @@ def config_of(args) -> TrainConfig:
         values = dict(values)
     else:
         values = dict(SMALL)
+    values.update(PRESETS.get(args.preset, {}))
     for key in (f.name for f in fields(TrainConfig)):
         value = getattr(args, key)
         if value is not None:
@@ -96,7 +100,8 @@ def check_resume_flags(args) -> None:
     """RunError (one line) naming the flags given with --resume that would change the run."""
     given = [f"--{f.name.replace('_', '-')}" for f in fields(TrainConfig)
              if f.name not in RESUME_FLAGS and getattr(args, f.name) is not None]
-    given += (["--config"] if args.config is not None else []) + (["--runs"] if args.runs != 1 else [])
+    given += [flag for flag, value in (("--config", args.config), ("--preset", args.preset)) if value is not None]
+    given += ["--runs"] if args.runs != 1 else []
     if given:
         raise RunError(f"--resume continues {args.resume} as its config.json says: {', '.join(given)} would change "
                        f"it (with --resume only --device, --num-workers, --dist-timeout and --quiet); to train "

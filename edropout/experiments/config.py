@@ -15,14 +15,18 @@ import torch
 
 from .. import models, ops
 from ..controller import APPLIED, check_arguments
-from ..freezing import FreezeRule
+from ..freezing import FreezeRule, ReleasedCodeRule
 from . import data
 
 # What an Original run must share with the run it is compared with (--original-dir)
-SAME_SCHEDULE = ("dataset", "model", "optimizer", "lr", "rho", "eps", "momentum", "weight_decay", "lr_step",
+SAME_SCHEDULE = ("dataset", "model", "stem", "optimizer", "lr", "rho", "eps", "momentum", "weight_decay", "lr_step",
                  "lr_gamma", "batch_size", "epochs", "seed", "limit_batches")
 OPTIMIZERS = ("adadelta", "sgd")
-ENERGIES = ("ising", "loss")
+ENERGIES = ("ising", "loss", "margin")
+PRUNABLE = ("all", "reference")
+FREEZE = ("settled", "reference")
+# --preset: the released research code's choices at once (README, "Differences from the released code")
+PRESETS = {"reference": dict(stem="cifar", energy="margin", prunable="reference", freeze="reference")}
 # Fields a run's config.json may lack (written before they existed) and the behaviour of such a run
 OLDER_RUNS = {"evolution": "classic", "freeze_by": 0, "settle_distance": 0.0, "lr_after_freeze": "continue"}
 # Fields of older runs' config.json that no longer exist (the patience rule, replaced by settle_distance; with
@@ -56,6 +60,9 @@ class TrainConfig:
     data_root: str = _option("data", "folder of the data sets")
     download: bool = _option(False, "download missing torchvision data sets into --data-root")
     model: str = _option("resnet18", _one_of(models.MODELS))
+    stem: str = _option("imagenet", "the ResNets' first layers: imagenet (torchvision's 7x7 stride-2 convolution "
+                                    "and max-pooling) or cifar (the released code's 3x3 stride-1 convolution, no "
+                                    "pooling; about 15x the FLOPs at 32x32)")
     mode: str = _option("edropout", "edropout, original (no EDropout) or random (a random state keeping --p-init "
                                     "of the units, fixed from the start); a baseline's name is the mode of its "
                                     "sibling run")
@@ -88,8 +95,12 @@ class TrainConfig:
     lr_gamma: float = _option(0.1, "StepLR: factor of each decay")
     population: int = _option(8, "candidate states K, at least 4")
     p_init: float = _option(0.5, "probability that a unit is kept in the initial states, in (0, 1]")
-    energy: str = _option("ising", "ising (Ising energy, refreshed every --refresh-every steps) or loss (energy "
-                                   "loss on each batch)")
+    energy: str = _option("ising", "ising (Ising energy, refreshed every --refresh-every steps), loss (energy "
+                                   "loss of 8 samples of each batch, parents re-scored) or margin (the released "
+                                   "code's: -10 x the mean margin on the whole batch, each state's BatchNorm with its "
+                                   "own batch statistics, parents' energies kept from when they were scored)")
+    prunable: str = _option("all", "the prunable layers: all (every conv and Linear input) or reference (the "
+                                   "released code's, ResNets only: each block's conv2 and the classifier's inputs)")
     refresh_every: int = _option(10, "ising: steps between two refreshes of its fields and couplings")
     keep_rate: Optional[float] = _option(None, "every state keeps this fraction of the prunable units, in (0, 1]",
                                          "none, the energy decides")
@@ -99,6 +110,10 @@ class TrainConfig:
                                           "validation); 0: never settles (the deadline decides)")
     settle_every: Optional[int] = _option(None, "steps between two recorded states of --settle-distance",
                                           "a quarter of an epoch")
+    freeze: str = _option("settled", "when the state freezes: settled (--settle-distance, or the deadline "
+                                     "--freeze-by) or reference (the released code's: from the 12th batch of epoch "
+                                     "--freeze-by, once the best energy equals one of the 9 before it; the "
+                                     "deadline the end of that epoch)")
     freeze_by: Optional[int] = _option(None, "the epoch at whose end the state freezes whatever happens; 0: none",
                                        "half of --epochs")
     lr_after_freeze: str = _option("restart", "the learning rate after the freeze: continue (the schedule goes "
@@ -165,7 +180,10 @@ def steps_per_epoch(config: TrainConfig, train_size: int) -> int:
 
 def freeze_rule(config: TrainConfig, train_size: int) -> FreezeRule:
     """The controller's freeze rule of ``config`` (``settle_every``: a quarter of an epoch by default)."""
-    every = config.settle_every or max(1, steps_per_epoch(config, train_size) // 4)
+    epoch_steps = max(1, steps_per_epoch(config, train_size))
+    if config.freeze == "reference":
+        return ReleasedCodeRule(start=freeze_by(config), epoch_steps=epoch_steps, deadline=freeze_by(config))
+    every = config.settle_every or max(1, epoch_steps // 4)
     return FreezeRule(distance=config.settle_distance or None, every=every, deadline=freeze_by(config))
 
 
@@ -174,6 +192,7 @@ def check_choices(config: TrainConfig) -> None:
     from .kinds import KINDS  # the kinds of run build on this module
     for name, choices in (("dataset", data.DATASETS), ("model", models.MODELS), ("mode", tuple(KINDS)),
                           ("optimizer", OPTIMIZERS), ("energy", ENERGIES), ("evolution", ops.RULES),
+                          ("stem", models.STEMS), ("prunable", PRUNABLE), ("freeze", FREEZE),
                           ("applied", APPLIED), ("lr_after_freeze", LR_AFTER_FREEZE)):
         if getattr(config, name) not in choices:
             raise RunError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
@@ -213,6 +232,13 @@ def check_config(config: TrainConfig) -> None:
     if config.freeze_by is not None and (isinstance(config.freeze_by, bool) or not isinstance(config.freeze_by, int)
                                          or config.freeze_by < 0):
         raise RunError(f"freeze_by must be a non-negative integer (an epoch) or None; got {config.freeze_by!r}")
+    if config.stem != "imagenet" and not config.model.startswith("resnet"):
+        raise RunError(f"stem {config.stem!r} is one of the ResNets'; {config.model} has its own first layers")
+    if config.prunable == "reference" and not config.model.startswith("resnet"):
+        raise RunError(f"prunable reference is the released code's choice for the ResNets; got model {config.model}")
+    if config.freeze == "reference" and freeze_by(config) is None:
+        raise RunError(f"freeze reference needs --freeze-by of at least epoch 1 (the epoch from which it looks); "
+                       f"got freeze_by {config.freeze_by!r} with {config.epochs} epochs")
     if config.applied == "anneal" and freeze_by(config) is None:
         raise RunError(f"applied anneal needs a freeze deadline of at least epoch 1 (it anneals towards it); "
                        f"got freeze_by {config.freeze_by!r} with {config.epochs} epochs")

@@ -12,7 +12,7 @@ from .. import models
 from ..slim import slim
 from ..slimfile import save_slim
 from ..units import prunable_units
-from .build import open_run
+from .build import excluded_layers, open_run
 from .rundir import atomic_write_bytes
 
 
@@ -27,8 +27,10 @@ def export(run_dir, device="cpu") -> Dict[str, Path]:
     size = models.INPUT_SIZE[config.model]
     example = torch.randn(2, meta["in_channels"], size, size, device=device)
     small = (slim(model, ed.state, ed.units, check_input=example) if ed is not None else model).eval()
-    state = ed.state if ed is not None else torch.ones(prunable_units(model).num_units, dtype=torch.uint8)
-    architecture = {"model": config.model, "in_channels": meta["in_channels"], "num_classes": meta["num_classes"]}
+    state = ed.state if ed is not None else torch.ones(
+        prunable_units(model, excluded_layers(config, model)).num_units, dtype=torch.uint8)
+    architecture = {"model": config.model, "in_channels": meta["in_channels"], "num_classes": meta["num_classes"],
+                    "stem": config.stem, "exclude": excluded_layers(config, model)}
     contents = save_slim(None, small, state, architecture)
     atomic_write_bytes(run_dir / "slim.pt", lambda f: torch.save(contents, f))
     with warnings.catch_warnings():  # TorchScript's deprecation, once per call: slim.ts says what it is in README

@@ -139,7 +139,8 @@ KINDS: Dict[str, Kind] = {kind.name: kind for kind in (
     Kind("rewind", row="Magnitude + rewind", from_original=True, start=_start_rewind,
          sibling=lambda config: dict(lr_after_freeze="restart")),
     Kind("earlybird", row="Early-Bird", search="earlybird", searcher=_early_bird, batchnorm_l1=STRENGTH,
-         sibling=lambda config: dict(p_init=1.0, settle_distance=EARLY_BIRD_DISTANCE, lr_after_freeze="continue")),
+         sibling=lambda config: dict(p_init=1.0, settle_distance=EARLY_BIRD_DISTANCE, freeze="settled",
+                                     lr_after_freeze="continue")),
 )}
 BASELINES = {name: kind.row for name, kind in KINDS.items() if kind.row is not None}
 
