@@ -117,7 +117,7 @@ def test_margin_energy_against_one_state_at_a_time(training, exclude, device, ge
     model.to(device).train(training)
     ed = EDropout(model, energy=MarginEnergy(), population=6, seed=int(torch.randint(1000, (1,), generator=gen)),
                   exclude=exclude)
-    states = (torch.rand(7, ed.units.num_units, generator=gen) < 0.6).to(torch.uint8) | ed.always_kept.to(torch.uint8)
+    states = (torch.rand(7, ed.units.num_units, generator=gen) < 0.6).to(torch.uint8) | ed.always_kept.cpu().to(torch.uint8)
     inputs, targets = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(5, (16,), generator=gen)
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
