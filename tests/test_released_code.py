@@ -215,3 +215,20 @@ def test_preset_reference_trains_on_digits(tmp_path):
     rows = json.loads((run / "report.json").read_text())["rows"]
     assert rows and all(row.get("units") is not None for row in rows)
     assert "units %" in (run / "report.md").read_text()
+
+
+def test_slim_file_of_the_reference_layers_and_cifar_stem_loads_by_name(tmp_path, gen):
+    from edropout import load_slim, save_slim, slim
+
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = models.build("resnet18", 1, 10, stem="cifar").eval()
+    randomise_batchnorm(model, gen)
+    exclude = released_code_exclude(model)
+    units = prunable_units(model, exclude)
+    state = (torch.rand(units.num_units, generator=gen) < 0.5) | units.always_kept()
+    small = slim(model, state, units).eval()
+    save_slim(tmp_path / "slim.pt", small, state, {"model": "resnet18", "in_channels": 1, "num_classes": 10,
+                                                   "stem": "cifar", "exclude": exclude})
+    x = torch.randn(2, 1, 32, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(load_slim(tmp_path / "slim.pt")(x), small(x))
