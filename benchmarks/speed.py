@@ -10,6 +10,8 @@ each on its own copy of the network, same batch, device and dtype, synthetic inp
   original   the network alone
   ising      EDropout with the Ising energy (the fused kernel)
   loss       EDropout with the energy loss (population and trials scored in one batched forward)
+  margin     EDropout with the released code's margin energy (the trials scored on the whole batch, each
+             with its own BatchNorm statistics; not in the default set)
   numpy      EDropout with the population step done as the proof of concept did, in NumPy on the host
              (benchmarks/numpy_step.py: a loop over candidates, dense couplings)
   frozen     after the freeze, masked: a fixed random state keeping --kept of the prunable units applied
@@ -23,7 +25,8 @@ population re-scored) comes once every `refresh_every` steps, so the median leav
 its own and spread over its period in "ising ratio with refresh" (ratio + refresh / (period × original)).
 
     python benchmarks/speed.py [--device cpu|cuda] [--models resnet18] [--batch-size 32] [--iters 20]
-                               [--energy ising,loss,numpy,frozen,pruned] [--kept 0.4] [--json out.json]
+                               [--energy ising,loss,numpy,frozen,pruned,margin] [--kept 0.4] [--json out.json]
+                               [--stem imagenet|cifar]
                                [--quick] [--profile DIR]
                                [--count] [--compile]
 
@@ -61,10 +64,10 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import edropout  # noqa: E402
-from edropout.energies import EnergyLoss, IsingEnergy  # noqa: E402
+from edropout.energies import EnergyLoss, IsingEnergy, MarginEnergy  # noqa: E402
 from edropout.graph import conv_batchnorm_pairs  # noqa: E402
 from edropout.masks import UnitMasks  # noqa: E402
-from edropout.models import INPUT_SIZE, MODELS, build  # noqa: E402
+from edropout.models import INPUT_SIZE, MODELS, STEMS, build  # noqa: E402
 from numpy_step import numpy_step  # noqa: E402
 from timing import describe, environment, make_timer  # noqa: E402
 
@@ -72,6 +75,7 @@ REFERENCE_RATIO = {"resnet18": 17.21, "resnet34": 25.12, "resnet50": 19.63, "res
               "squeezenet1_1": 1.33}
 ENERGIES = ("ising", "loss", "numpy")
 AFTER_FREEZE = ("frozen", "pruned")
+OPTIONAL = ("margin",)  # measured when asked for
 
 
 class NumpyStep:
@@ -121,13 +125,15 @@ def make_variant(kind, model, kept=0.4):
         return edropout.EDropout(model, energy=IsingEnergy())
     if kind == "loss":
         return edropout.EDropout(model, energy=EnergyLoss())
+    if kind == "margin":
+        return edropout.EDropout(model, energy=MarginEnergy())
     return NumpyStep(model)
 
 
 def bench_model(name, kinds, args, time_it):
     torch.manual_seed(0)
     size = INPUT_SIZE[name]
-    base = build(name, 3, 102).to(args.device)
+    base = build(name, 3, 102, stem=args.stem if name.startswith("resnet") else "imagenet").to(args.device)
     x = torch.randn(args.batch_size, 3, size, size, device=args.device)
     y = torch.randint(0, 102, (args.batch_size,), device=args.device)
     runs, ising = {}, None
@@ -258,7 +264,9 @@ def main(argv=None):
                         help="untimed iterations before each timed one, so that the variant timed before has "
                              "stopped competing for the cores (default 1)")
     parser.add_argument("--energy", default=",".join(ENERGIES + AFTER_FREEZE),
-                        help="EDropout variants, from: " + ", ".join(ENERGIES + AFTER_FREEZE))
+                        help="EDropout variants, from: " + ", ".join(ENERGIES + AFTER_FREEZE + OPTIONAL))
+    parser.add_argument("--stem", default="imagenet", choices=STEMS,
+                        help="the ResNets' first layers (edropout.models.build; default imagenet)")
     parser.add_argument("--kept", type=float, default=0.4,
                         help="frozen, pruned: the fraction of the prunable units the state keeps (default 0.4, "
                              "about what EDropout keeps on Fashion-MNIST)")
@@ -272,7 +280,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     models = args.models.split(",")
     kinds = tuple(args.energy.split(","))
-    for given, valid, flag in ((models, MODELS, "--models"), (kinds, ENERGIES + AFTER_FREEZE, "--energy")):
+    for given, valid, flag in ((models, MODELS, "--models"), (kinds, ENERGIES + AFTER_FREEZE + OPTIONAL, "--energy")):
         unknown = sorted(set(given) - set(valid))
         if unknown:
             parser.error(f"{flag}: unknown {', '.join(unknown)}; expected some of {', '.join(valid)}")
@@ -284,7 +292,8 @@ def main(argv=None):
 
     env = environment(args.device)
     print(f"# EDropout / original time per training iteration, {describe(env)}")
-    print(f"# batch {args.batch_size}, 102 classes, K = 8, Adadelta{', torch.compile' if args.compile else ''}; "
+    print(f"# batch {args.batch_size}, 102 classes, K = 8, Adadelta{', torch.compile' if args.compile else ''}, "
+          f"the ResNets with the {args.stem} stem; "
           f"{args.iters} rounds of the variants in turn "
           f"after {args.warmup} warm-up iterations, each timed iteration after {args.settle} untimed; median ratios")
     refresh = "ising" in kinds
