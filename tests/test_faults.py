@@ -335,3 +335,104 @@ def test_the_command_without_arguments_shows_its_help_and_names_flags(tmp_path, 
     assert capsys.readouterr().err.strip() == "edropout: --epochs must be a positive integer; got 0"
     from edropout.experiments.config import TrainConfig, summary_line
     assert ", 1 epoch, " in summary_line(TrainConfig(epochs=1), tmp_path)
+
+
+# ------------------------------------------------------------------------------------ damaged data
+
+def _image_folder(root, per_class=12):
+    """train/ and test/ of two classes of 8x8 gray PNGs."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 4)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(root / split / c / f"{k}.png")
+    return root
+
+
+def _train_on(data_root, run_dir, *flags):
+    return cli.main(["train", "--model", "tiny", "--dataset", "imagefolder", "--data-root", str(data_root),
+                     "--epochs", "1", "--batch-size", "32", "--bn-calibration", "0", "--device", "cpu", "--quiet",
+                     "--run-dir", str(run_dir), *flags])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("then", ["rerun", "resume"])
+def test_a_corrupt_image_met_mid_epoch_is_one_line_and_the_run_goes_on_without_it(tmp_path, tiny, capsys, workers,
+                                                                                     then):
+    data_root = _image_folder(tmp_path / "data")
+    bad = data_root / "train" / "b" / "5.png"
+    bad.write_bytes(b"not an image")
+    run_dir = tmp_path / "run"
+    assert _train_on(data_root, run_dir, "--num-workers", str(workers)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"edropout: cannot read image {bad}: cannot identify image file; replace or remove it, then "
+                   f"rerun or --resume"), err
+    bad.unlink()  # the split shifts, but nothing was trained yet: the run starts again on the data as they are
+    code = _train_on(data_root, run_dir) if then == "rerun" else cli.main(["train", "--resume", str(run_dir), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (run_dir / "report.json").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["data_fingerprint"]["count"] == 31
+
+
+def test_a_corrupt_image_met_while_loading_is_one_line_and_leaves_nothing(tmp_path, tiny, capsys):
+    data_root = _image_folder(tmp_path / "data")
+    first = data_root / "train" / "a" / "0.png"  # the one whose mode tells gray from colour
+    first.write_bytes(first.read_bytes()[:40])  # cut short
+    assert _train_on(data_root, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"edropout: cannot read image {first}: "), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_refuses_data_that_differ_from_those_the_run_started_with(tmp_path, tiny, capsys):
+    data_root = _image_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    assert _train_on(data_root, run_dir) == 0
+    capsys.readouterr()
+    resume = ["train", "--resume", str(run_dir), "--quiet"]
+    moved = data_root / "train" / "a" / "3.png"
+    kept = moved.read_bytes()
+    moved.unlink()
+    assert cli.main(resume) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"edropout: {run_dir}: the data differ from those the run started with (32 files then, 31 now): "
+                   f"the seeded validation split would shift; restore the data as they were, or start a new run on "
+                   f"them (--run-dir NEW_DIR)"), err
+    moved.write_bytes(kept + b"\0")  # the same names, another size (an image replaced): one warning line
+    assert cli.main(resume) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "warning" in err and "changed in size" in err, err
+    moved.write_bytes(kept)
+    assert cli.main(resume) == 0 and capsys.readouterr().err == ""
+    # a run written before the fingerprint was recorded resumes as before, whatever its data
+    values = json.loads((run_dir / "config.json").read_text())
+    del values["data_fingerprint"]
+    (run_dir / "config.json").write_text(json.dumps(values))
+    moved.unlink()
+    assert cli.main(resume) == 0 and capsys.readouterr().err == ""
+
+
+def test_the_data_fingerprint_is_of_file_names_and_sizes(tmp_path, gen, monkeypatch):
+    import gzip
+    from edropout.experiments import data
+    data_root = _image_folder(tmp_path / "data", per_class=3)
+    before = data.load("imagefolder", data_root, 8).fingerprint
+    assert before["count"] == 14 and before["of"] == "files"
+    (data_root / "test" / "b" / "0.png").write_bytes((data_root / "test" / "b" / "0.png").read_bytes() + b"\0")
+    after = data.load("imagefolder", data_root, 8).fingerprint
+    assert after["names"] == before["names"] and after["sizes"] != before["sizes"]
+    # IDX files (the system's Fashion-MNIST): their names and sizes, not the images inside
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 5)):
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\0\0\x08\x03" + b"".join(x.to_bytes(4, "big") for x in (n, 28, 28)) + bytes(n * 784))
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\0\0\x08\x01" + n.to_bytes(4, "big") + bytes(n))
+    monkeypatch.setattr(data, "SYSTEM_FASHION", folder)
+    fashion = data.load("fashion", tmp_path / "nowhere", 28).fingerprint
+    assert fashion["count"] == 25 and fashion["of"] == "images"
+    assert data.fingerprint(data.Digits())["count"] == 1797
