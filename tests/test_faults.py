@@ -436,3 +436,85 @@ def test_the_data_fingerprint_is_of_file_names_and_sizes(tmp_path, gen, monkeypa
     fashion = data.load("fashion", tmp_path / "nowhere", 28).fingerprint
     assert fashion["count"] == 25 and fashion["of"] == "images"
     assert data.fingerprint(data.Digits())["count"] == 1797
+
+
+# ------------------------------------------------------------------------- full and read-only disks
+
+# Every file a run, `eval` and `export` write, as (command, file, which write of it fails): the order of a
+# run's writes is config.json, metrics.jsonl (empty), freeze.pt, metrics.jsonl, best.pt, last.pt (epoch 1),
+# metrics.jsonl, last.pt (epoch 2), plots.png, report.md, compare.png, report.json
+WRITE_SITES = [("train", "config.json", 1), ("train", "metrics.jsonl", 1), ("train", "freeze.pt", 1),
+               ("train", "best.pt", 1), ("train", "last.pt", 2), ("train", "metrics.jsonl", 3),
+               ("train", "plots.png", 1), ("train", "report.md", 1), ("train", "compare.png", 1),
+               ("train", "report.json", 1), ("eval", "report.md", 1), ("eval", "compare.png", 1),
+               ("eval", "report.json", 1), ("export", "slim.pt", 1), ("export", "slim.ts", 1)]
+REASONS = {"ENOSPC": "No space left on device", "EROFS": "Read-only file system"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run of the tiny network (for the eval and export sites), made once."""
+    from edropout import models
+    from test_train import TINY
+    saved = (models.MODELS, models.INPUT_SIZE, models.build)
+    exec(TINY, {})  # as the fixture tiny does, for the module
+    try:
+        yield runs.train(_disk_config(tmp_path_factory.mktemp("finished") / "run"), quiet=True, print_report=False)
+    finally:
+        models.MODELS, models.INPUT_SIZE, models.build = saved
+
+
+def _disk_config(run_dir):
+    return tiny_config(run_dir, epochs=2, limit_batches=2, bn_calibration=0)
+
+
+def _failing_write(monkeypatch, name, k, code):
+    """os.replace fails with errno ``code`` in the k-th write of file ``name`` (as a disk full or read-only
+    under the rename: the complete temporary file is there)."""
+    import errno
+    replace, seen = os.replace, []
+
+    def failing(source, target, *args, **kwargs):
+        if os.path.basename(target) == name:
+            seen.append(target)
+            if len(seen) == k:
+                raise OSError(getattr(errno, code), REASONS[code])
+        return replace(source, target, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", failing)
+
+
+@pytest.mark.parametrize("code", list(REASONS))
+@pytest.mark.parametrize("command, name, k", WRITE_SITES, ids=[f"{c}-{n}-{k}" for c, n, k in WRITE_SITES])
+def test_a_full_or_read_only_disk_at_every_write_is_one_line_and_keeps_the_last_checkpoint(
+        tmp_path, tiny, finished_run, monkeypatch, capsys, command, name, k, code):
+    import shutil
+    import torch
+    run_dir = tmp_path / "run"
+    if command == "train":  # _disk_config's run as the command starts it
+        argv = ["train", "--model", "tiny", "--epochs", "2", "--limit-batches", "2", "--batch-size", "32",
+                "--bn-calibration", "0", "--settle-distance", "0", "--device", "cpu", "--quiet", "--run-dir", str(run_dir)]
+    else:
+        shutil.copytree(finished_run, run_dir)
+        argv = [command, str(run_dir)]
+    before = {p.name: p.read_bytes() for p in run_dir.glob("*") if p.is_file()} if run_dir.exists() else {}
+    capsys.readouterr()
+    _failing_write(monkeypatch, name, k, code)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{run_dir / name}: not written ({code}: {REASONS[code]})" in err, err
+    assert not list(run_dir.glob(".*.tmp")) and not list(run_dir.glob(".write-probe"))
+    if name in before:  # the previous file, untouched
+        assert (run_dir / name).read_bytes() == before[name] and f"the previous {name} is intact" in err, err
+    monkeypatch.undo()
+    if (run_dir / "last.pt").is_file():  # the last complete checkpoint loads, and the run goes on from it
+        epoch = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+        assert command != "train" or f"last.pt of epoch {epoch}" in err or "the training is complete" in err, err
+    assert "--resume" in err or command != "train" or name == "config.json", err
+    if code == "EROFS":  # going on after the disk is writable again: as after ENOSPC, checked there
+        return
+    again = argv if command != "train" or name == "config.json" else ["train", "--resume", str(run_dir), "--quiet"]
+    assert cli.main(again) == 0, capsys.readouterr().err
+    assert (run_dir / ("slim.pt" if command == "export" else "report.json")).is_file()
+    if command == "train":
+        assert [m["epoch"] for m in rundir.read_metrics(run_dir)] == [1, 2]
