@@ -85,6 +85,8 @@ def main(argv=None) -> int:
         run_dir = Path(config.run_dir)
         if not (run_dir / "config.json").is_file():  # else kept or resumed
             run_dir = rundir.create_run_dir(config)
+        else:  # resumed: the temporary files of writes a kill interrupted go
+            rundir.remove_leftovers(run_dir)
         loop.train_loop(config, run_dir, splits, device, quiet=True)
         metrics = rundir.read_metrics(run_dir)
         at_freeze = next((m for m in metrics if m["frozen"]), metrics[-1])

@@ -43,6 +43,8 @@ def main(argv=None) -> int:
         run_dir = Path(sub.run_dir)
         if not (run_dir / "config.json").is_file():  # else kept or resumed
             run_dir = rundir.create_run_dir(sub)
+        else:  # resumed: the temporary files of writes a kill interrupted go
+            rundir.remove_leftovers(run_dir)
         loop.train_loop(sub, run_dir, splits, device, quiet=True)
         metrics = rundir.read_metrics(run_dir)
         lines.append(f"| {lr:g} | {max(m['val_top1'] for m in metrics):.2f} | {metrics[-1]['val_top1']:.2f} |")

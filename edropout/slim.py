@@ -430,6 +430,11 @@ def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[
     model, less those it zeroes to mask dropped units it cannot remove (a masked conv channel's kernel,
     bias and BatchNorm weight and bias; a zeroed Linear column). Where every dropped unit is removable
     this is the slim model's parameter count."""
+    return slim_and_kept_parameters(model, state, units)[1:]
+
+
+def slim_and_kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[nn.Module, float, int]:
+    """(slim network, R, #p): :func:`slim` and :func:`kept_parameters` of ``state`` from one slimming."""
     units = prunable_units(model) if units is None else units
     plan = slim_plan(model, kept_by_layer(units, state))
     small = _build(_copy_without_hooks(model), plan)
@@ -451,7 +456,7 @@ def kept_parameters(model: nn.Module, state: torch.Tensor, units=None) -> Tuple[
             proj = output_projection(modules[name])
             count -= int(head_columns(modules[name], dropped).sum()) * proj.out_features
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 100.0 * count / total, count
+    return small, 100.0 * count / total, count
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",

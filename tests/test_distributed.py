@@ -227,3 +227,33 @@ def test_batch_not_divisible_by_the_processes(tmp_path, tiny, monkeypatch):  # n
     with pytest.raises(configs.RunError, match="^batch_size 33 .* divisible by the 2 processes$"):
         runs.train(tiny_config(tmp_path / "run", batch_size=33), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_not_finite_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    # rank 1 alone meets a NaN loss at its second step: both ranks stop there, neither waits for the timeout
+    code = TINY + '''
+import os, sys
+import torch.nn.functional as F
+from edropout.experiments.cli import main
+_cross_entropy, _steps = F.cross_entropy, []
+def cross_entropy(logits, targets, *args, **kwargs):
+    loss = _cross_entropy(logits, targets, *args, **kwargs)
+    if kwargs.get("reduction", "mean") == "mean" and logits.requires_grad:  # a training step
+        _steps.append(1)
+        if os.environ["RANK"] == "1" and len(_steps) == 2:
+            return loss * float("nan")
+    return loss
+F.cross_entropy = cross_entropy
+raise SystemExit(main(sys.argv[1:]))
+'''
+    started = time.time()
+    procs = start_ranks([sys.executable, "-c", code, "train", "--model", "tiny", "--epochs", "2", "--batch-size", "32",
+                         "--limit-batches", "4", "--device", "cpu", "--run-dir", str(tmp_path / "run"), "--quiet",
+                         "--dist-timeout", "120"])
+    outputs = finish(procs, timeout=100)
+    assert time.time() - started < 90  # far below the 120 s the others would wait for a rank that left
+    assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outputs]
+    lines = outputs[0][1].strip().splitlines()
+    assert len(lines) == 1 and "training diverged: loss nan on rank(s) 1 of 2 at epoch 1, step 2" in lines[0], lines
+    assert outputs[1][1].strip() == ""  # rank 0 speaks for the job
+    assert not (tmp_path / "run" / "report.json").exists()

@@ -335,3 +335,186 @@ def test_the_command_without_arguments_shows_its_help_and_names_flags(tmp_path, 
     assert capsys.readouterr().err.strip() == "edropout: --epochs must be a positive integer; got 0"
     from edropout.experiments.config import TrainConfig, summary_line
     assert ", 1 epoch, " in summary_line(TrainConfig(epochs=1), tmp_path)
+
+
+# ------------------------------------------------------------------------------------ damaged data
+
+def _image_folder(root, per_class=12):
+    """train/ and test/ of two classes of 8x8 gray PNGs."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 4)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(root / split / c / f"{k}.png")
+    return root
+
+
+def _train_on(data_root, run_dir, *flags):
+    return cli.main(["train", "--model", "tiny", "--dataset", "imagefolder", "--data-root", str(data_root),
+                     "--epochs", "1", "--batch-size", "32", "--bn-calibration", "0", "--device", "cpu", "--quiet",
+                     "--run-dir", str(run_dir), *flags])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("then", ["rerun", "resume"])
+def test_a_corrupt_image_met_mid_epoch_is_one_line_and_the_run_goes_on_without_it(tmp_path, tiny, capsys, workers,
+                                                                                     then):
+    data_root = _image_folder(tmp_path / "data")
+    bad = data_root / "train" / "b" / "5.png"
+    bad.write_bytes(b"not an image")
+    run_dir = tmp_path / "run"
+    assert _train_on(data_root, run_dir, "--num-workers", str(workers)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"edropout: cannot read image {bad}: cannot identify image file; replace or remove it, then "
+                   f"rerun or --resume"), err
+    bad.unlink()  # the split shifts, but nothing was trained yet: the run starts again on the data as they are
+    code = _train_on(data_root, run_dir) if then == "rerun" else cli.main(["train", "--resume", str(run_dir), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (run_dir / "report.json").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["data_fingerprint"]["count"] == 31
+
+
+def test_a_corrupt_image_met_while_loading_is_one_line_and_leaves_nothing(tmp_path, tiny, capsys):
+    data_root = _image_folder(tmp_path / "data")
+    first = data_root / "train" / "a" / "0.png"  # the one whose mode tells gray from colour
+    first.write_bytes(first.read_bytes()[:40])  # cut short
+    assert _train_on(data_root, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"edropout: cannot read image {first}: "), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_refuses_data_that_differ_from_those_the_run_started_with(tmp_path, tiny, capsys):
+    data_root = _image_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    assert _train_on(data_root, run_dir) == 0
+    capsys.readouterr()
+    resume = ["train", "--resume", str(run_dir), "--quiet"]
+    moved = data_root / "train" / "a" / "3.png"
+    kept = moved.read_bytes()
+    moved.unlink()
+    assert cli.main(resume) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"edropout: {run_dir}: the data differ from those the run started with (32 files then, 31 now): "
+                   f"the seeded validation split would shift; restore the data as they were, or start a new run on "
+                   f"them (--run-dir NEW_DIR)"), err
+    moved.write_bytes(kept + b"\0")  # the same names, another size (an image replaced): one warning line
+    assert cli.main(resume) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "warning" in err and "changed in size" in err, err
+    moved.write_bytes(kept)
+    assert cli.main(resume) == 0 and capsys.readouterr().err == ""
+    # a run written before the fingerprint was recorded resumes as before, whatever its data
+    values = json.loads((run_dir / "config.json").read_text())
+    del values["data_fingerprint"]
+    (run_dir / "config.json").write_text(json.dumps(values))
+    moved.unlink()
+    assert cli.main(resume) == 0 and capsys.readouterr().err == ""
+
+
+def test_the_data_fingerprint_is_of_file_names_and_sizes(tmp_path, gen, monkeypatch):
+    import gzip
+    from edropout.experiments import data
+    data_root = _image_folder(tmp_path / "data", per_class=3)
+    before = data.load("imagefolder", data_root, 8).fingerprint
+    assert before["count"] == 14 and before["of"] == "files"
+    (data_root / "test" / "b" / "0.png").write_bytes((data_root / "test" / "b" / "0.png").read_bytes() + b"\0")
+    after = data.load("imagefolder", data_root, 8).fingerprint
+    assert after["names"] == before["names"] and after["sizes"] != before["sizes"]
+    # IDX files (the system's Fashion-MNIST): their names and sizes, not the images inside
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 5)):
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\0\0\x08\x03" + b"".join(x.to_bytes(4, "big") for x in (n, 28, 28)) + bytes(n * 784))
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\0\0\x08\x01" + n.to_bytes(4, "big") + bytes(n))
+    monkeypatch.setattr(data, "SYSTEM_FASHION", folder)
+    fashion = data.load("fashion", tmp_path / "nowhere", 28).fingerprint
+    assert fashion["count"] == 25 and fashion["of"] == "images"
+    assert data.fingerprint(data.Digits())["count"] == 1797
+
+
+# ------------------------------------------------------------------------- full and read-only disks
+
+# Every file a run, `eval` and `export` write, as (command, file, which write of it fails): the order of a
+# run's writes is config.json, metrics.jsonl (empty), freeze.pt, metrics.jsonl, best.pt, last.pt (epoch 1),
+# metrics.jsonl, last.pt (epoch 2), plots.png, report.md, compare.png, report.json
+WRITE_SITES = [("train", "config.json", 1), ("train", "metrics.jsonl", 1), ("train", "freeze.pt", 1),
+               ("train", "best.pt", 1), ("train", "last.pt", 2), ("train", "metrics.jsonl", 3),
+               ("train", "plots.png", 1), ("train", "report.md", 1), ("train", "compare.png", 1),
+               ("train", "report.json", 1), ("eval", "report.md", 1), ("eval", "compare.png", 1),
+               ("eval", "report.json", 1), ("export", "slim.pt", 1), ("export", "slim.ts", 1)]
+REASONS = {"ENOSPC": "No space left on device", "EROFS": "Read-only file system"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run of the tiny network (for the eval and export sites), made once."""
+    from edropout import models
+    from test_train import TINY
+    saved = (models.MODELS, models.INPUT_SIZE, models.build)
+    exec(TINY, {})  # as the fixture tiny does, for the module
+    try:
+        yield runs.train(_disk_config(tmp_path_factory.mktemp("finished") / "run"), quiet=True, print_report=False)
+    finally:
+        models.MODELS, models.INPUT_SIZE, models.build = saved
+
+
+def _disk_config(run_dir):
+    return tiny_config(run_dir, epochs=2, limit_batches=2, bn_calibration=0)
+
+
+def _failing_write(monkeypatch, name, k, code):
+    """os.replace fails with errno ``code`` in the k-th write of file ``name`` (as a disk full or read-only
+    under the rename: the complete temporary file is there)."""
+    import errno
+    replace, seen = os.replace, []
+
+    def failing(source, target, *args, **kwargs):
+        if os.path.basename(target) == name:
+            seen.append(target)
+            if len(seen) == k:
+                raise OSError(getattr(errno, code), REASONS[code])
+        return replace(source, target, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", failing)
+
+
+@pytest.mark.parametrize("code", list(REASONS))
+@pytest.mark.parametrize("command, name, k", WRITE_SITES, ids=[f"{c}-{n}-{k}" for c, n, k in WRITE_SITES])
+def test_a_full_or_read_only_disk_at_every_write_is_one_line_and_keeps_the_last_checkpoint(
+        tmp_path, tiny, finished_run, monkeypatch, capsys, command, name, k, code):
+    import shutil
+    import torch
+    run_dir = tmp_path / "run"
+    if command == "train":  # _disk_config's run as the command starts it
+        argv = ["train", "--model", "tiny", "--epochs", "2", "--limit-batches", "2", "--batch-size", "32",
+                "--bn-calibration", "0", "--settle-distance", "0", "--device", "cpu", "--quiet", "--run-dir", str(run_dir)]
+    else:
+        shutil.copytree(finished_run, run_dir)
+        argv = [command, str(run_dir)]
+    before = {p.name: p.read_bytes() for p in run_dir.glob("*") if p.is_file()} if run_dir.exists() else {}
+    capsys.readouterr()
+    _failing_write(monkeypatch, name, k, code)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{run_dir / name}: not written ({code}: {REASONS[code]})" in err, err
+    assert not list(run_dir.glob(".*.tmp")) and not list(run_dir.glob(".write-probe"))
+    if name in before:  # the previous file, untouched
+        assert (run_dir / name).read_bytes() == before[name] and f"the previous {name} is intact" in err, err
+    monkeypatch.undo()
+    if (run_dir / "last.pt").is_file():  # the last complete checkpoint loads, and the run goes on from it
+        epoch = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+        assert command != "train" or f"last.pt of epoch {epoch}" in err or "the training is complete" in err, err
+    assert "--resume" in err or command != "train" or name == "config.json", err
+    if code == "EROFS":  # going on after the disk is writable again: as after ENOSPC, checked there
+        return
+    again = argv if command != "train" or name == "config.json" else ["train", "--resume", str(run_dir), "--quiet"]
+    assert cli.main(again) == 0, capsys.readouterr().err
+    assert (run_dir / ("slim.pt" if command == "export" else "report.json")).is_file()
+    if command == "train":
+        assert [m["epoch"] for m in rundir.read_metrics(run_dir)] == [1, 2]

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from ..distributed import ProcessGroupFailure, RanksDisagree
 from .config import PRESETS, SMALL, Diverged, RunError, TrainConfig, help_text
+from .data import UnreadableImage
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,7 +154,14 @@ def main(argv=None) -> int:
     except RunError as e:
         sys.stderr.write(f"edropout: {as_flags(str(e))}\n")
         return 2
-    except (ProcessGroupFailure, RanksDisagree, Diverged) as e:
+    except UnreadableImage as e:  # met mid-epoch (at load time it is a RunError): bad input as well
+        sys.stderr.write(f"edropout: {e}\n")
+        return 2
+    except Diverged as e:  # every rank stops at the same step with the same line: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"edropout: {e}\n")
+        return 1
+    except (ProcessGroupFailure, RanksDisagree) as e:
         sys.stderr.write(f"edropout: {e}\n")
         return 1
     except KeyboardInterrupt:

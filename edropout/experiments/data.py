@@ -34,9 +34,11 @@ view of one un-transformed dataset with its own transform.
 """
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -66,6 +68,44 @@ class Splits:
     test: Dataset
     num_classes: int
     in_channels: int
+    fingerprint: Optional[dict] = None  # of the data's file list (:func:`fingerprint`), recorded in config.json
+
+
+class UnreadableImage(ValueError):
+    """An image file that PIL cannot read; the message is one line naming the file and why."""
+
+    def __init__(self, message: str):
+        # a DataLoader worker's error arrives as "Caught UnreadableImage in DataLoader worker process 0.\n
+        # Original Traceback ...", the class's one line last: keep that line
+        if message.startswith("Caught ") and "Traceback" in message:
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def _unreadable(path, error: BaseException) -> UnreadableImage:
+    if type(error).__name__ == "UnidentifiedImageError":  # its text ends in a file object's repr
+        reason = "cannot identify image file"
+    else:
+        reason = getattr(error, "strerror", None) or first_line(error)
+    return UnreadableImage(f"cannot read image {path}: {reason}; replace or remove it, then rerun or --resume")
+
+
+# What PIL raises for a file that is not a readable image (a truncated one: OSError when decoded)
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageReader:
+    """``read(path)`` with a file PIL cannot read raised as UnreadableImage naming it (a top-level class:
+    DataLoader workers pickle it)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def __call__(self, path):
+        try:
+            return self.read(path)
+        except _IMAGE_ERRORS as e:
+            raise _unreadable(path, e) from None
 
 
 class View(Dataset):
@@ -171,6 +211,7 @@ class IdxImages(Dataset):
     (PIL gray image, label) like torchvision's MNIST classes; ``classes`` names the labels."""
 
     def __init__(self, images_path, labels_path, classes):
+        self.paths = [Path(images_path), Path(labels_path)]
         self.images = read_idx(images_path, ndim=3)
         self.targets = read_idx(labels_path, ndim=1)
         self.classes = list(classes)
@@ -248,11 +289,14 @@ def _imagefolder(root):
     if test.classes != train.classes:
         raise ValueError(f"imagefolder: the class folders of {root / 'test'} ({', '.join(test.classes)}) "
                          f"are not those of {root / 'train'} ({', '.join(train.classes)})")
-    with Image.open(train.samples[0][0]) as probe:
-        gray = probe.mode in _GRAY_MODES
-    if gray:
-        train.loader = test.loader = _load_gray
+    gray = ImageReader(_mode)(train.samples[0][0]) in _GRAY_MODES
+    train.loader = test.loader = ImageReader(_load_gray if gray else default_loader)
     return train, test, gray
+
+
+def _mode(path):
+    with Image.open(path) as image:
+        return image.mode
 
 
 def _identity(path):
@@ -294,6 +338,35 @@ def _digits(seed):
     return digits, (sorted(train), sorted(val), sorted(test))
 
 
+def _entries(dataset):
+    """(name, size) of what ``dataset`` is read from: its files (names relative to the data's root, so that a
+    moved folder is the same data), or the shape of the array it holds."""
+    if isinstance(dataset, ConcatDataset):
+        return [entry for part in dataset.datasets for entry in _entries(part)]
+    if isinstance(dataset, datasets.ImageFolder):
+        root = Path(dataset.root).parent
+        return [(str(Path(path).relative_to(root)), os.stat(path).st_size) for path, _ in dataset.samples]
+    if isinstance(dataset, datasets.Flowers102):
+        return [(Path(path).name, os.stat(path).st_size) for path in dataset._image_files]
+    if isinstance(dataset, IdxImages):  # the file names and sizes, not their 60,000 images
+        return [(path.name, os.stat(path).st_size) for path in dataset.paths]
+    array = getattr(dataset, "data", getattr(dataset, "images", None))
+    return [(f"{type(dataset).__name__} {tuple(array.shape)}", 0)]
+
+
+def fingerprint(*parts) -> dict:
+    """What a resumed run compares to know that its data are those it started with (a file more or less
+    shifts the seeded validation split), cheap even for 70,000 images: ``count`` images (``of`` files where
+    each is one), a hash of the files' names (or arrays' shapes) and one of the names with the sizes."""
+    entries = [entry for part in parts for entry in _entries(part)]
+    files = all(isinstance(part, (datasets.ImageFolder, datasets.Flowers102, ConcatDataset)) for part in parts)
+
+    def digest(lines):
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return {"count": len(entries) if files else sum(len(part) for part in parts), "of": "files" if files else "images",
+            "names": digest(name for name, _ in entries), "sizes": digest(f"{name} {size}" for name, size in entries)}
+
+
 def load(name, root, model_input_size, download=False, seed=0, augment=None):
     """The train / validation / test splits of data set ``name`` (one of ``DATASETS``) under ``root``.
 
@@ -332,4 +405,5 @@ def load(name, root, model_input_size, download=False, seed=0, augment=None):
     plain = _transform(model_input_size, gray, False, first)
     return Splits(train=View(base, train_idx, _transform(model_input_size, gray, augment, first)),
                   val=View(base, val_idx, plain), test=View(test_base, test_idx, plain),
-                  num_classes=num_classes, in_channels=1 if gray else 3)
+                  num_classes=num_classes, in_channels=1 if gray else 3,
+                  fingerprint=fingerprint(base) if test_base is base else fingerprint(base, test_base))

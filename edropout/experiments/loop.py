@@ -51,16 +51,15 @@ from .build import build_network, build_optimizer, epoch_loader, learning_rate
 from .config import Diverged, RunError, TrainConfig, steps_per_epoch
 from .costs import counting
 from .kinds import KINDS
-from .rundir import (WriteFailed, load_checkpoint, read_metrics, remove_leftovers, restore, rng_states,
-                     save_checkpoint, set_rng_states, write_metrics)
+from .rundir import (WriteFailed, load_checkpoint, read_metrics, restore, rng_states, save_checkpoint,
+                     set_rng_states, write_metrics)
 
 
 def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: torch.device, quiet: bool) -> None:
     """The epochs of the run in ``run_dir``, from its last.pt when there is one; writes metrics.jsonl,
-    best.pt and last.pt (rank 0)."""
+    best.pt and last.pt (rank 0). The caller removes the leftovers of interrupted writes first
+    (:func:`~edropout.experiments.rundir.remove_leftovers`; ``run_plan`` does, for every run of its plan)."""
     several, rank0 = distributed.active(), distributed.rank() == 0
-    if rank0:
-        remove_leftovers(run_dir)
     checkpoint = load_checkpoint(run_dir / "last.pt", device) if (run_dir / "last.pt").exists() else None
     val_loader = DataLoader(splits.val, batch_size=256, num_workers=config.num_workers)
     epoch_steps = steps_per_epoch(config, len(splits.train))
@@ -87,7 +86,8 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
     # metrics of epochs after the checkpoint (a run killed between the two writes) are redone
     history = [m for m in read_metrics(run_dir) if m["epoch"] <= start_epoch]
     if rank0:
-        write_metrics(run_dir, history)
+        with going_on_after(run_dir, start_epoch):
+            write_metrics(run_dir, history)
     net = wrapped(pruned.model if pruned is not None else model, device)
     forward_backward_flops: Dict[tuple, int] = {}  # per (phase, batch size): the same at every step
 
@@ -95,10 +95,11 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         """freeze.pt: the run at the moment of the freeze (``steps_done`` steps into epoch ``epoch``), from
         which variants of the pruned phase branch (``--resume`` of a copy goes on from there)."""
         if rank0:
-            save_checkpoint({"epoch": epoch, "best_top1": best_top1, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "pruned": False, "edropout": ed.state_dict(),
-                             "rng": rng_states(), "meta": meta, "partial": {**sums, "steps_done": steps_done}},
-                            run_dir / "freeze.pt")
+            with going_on_after(run_dir, epoch):
+                save_checkpoint({"epoch": epoch, "best_top1": best_top1, "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "pruned": False, "edropout": ed.state_dict(),
+                                 "rng": rng_states(), "meta": meta, "partial": {**sums, "steps_done": steps_done}},
+                                run_dir / "freeze.pt")
 
     for epoch in range(start_epoch, config.epochs):
         started = time.time()
@@ -137,10 +138,13 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
             if known is None:
                 known = forward_backward_flops[(searching, targets.numel())] = counter.get_total_flops()
             loss_value = loss.item()
-            if not math.isfinite(loss_value):  # stop before the step spreads it into the weights
+            losses = ranks_losses(loss_value, device) if several else [loss_value]
+            if not all(map(math.isfinite, losses)):  # stop before the step spreads it into the weights
                 kept = f"last.pt of epoch {epoch} kept" if (run_dir / "last.pt").is_file() else "no checkpoint yet"
-                raise Diverged(f"{run_dir}: training diverged: loss {loss_value} at epoch {epoch + 1}, step {i + 1} "
-                               f"(learning rate {step_lr:g}); {kept}, no report written; try a lower --lr")
+                bad = [(r, value) for r, value in enumerate(losses) if not math.isfinite(value)]
+                where = f" on rank(s) {', '.join(str(r) for r, _ in bad)} of {len(losses)}" if several else ""
+                raise Diverged(f"{run_dir}: training diverged: loss {bad[0][1]}{where} at epoch {epoch + 1}, step "
+                               f"{i + 1} (learning rate {step_lr:g}); {kept}, no report written; try a lower --lr")
             if kind.batchnorm_l1:
                 batchnorm_l1_(pruned.model if pruned is not None else model, kind.batchnorm_l1)
             optimizer.step()
@@ -223,15 +227,31 @@ def train_loop(config: TrainConfig, run_dir: Path, splits: data.Splits, device: 
         checkpoint = {"epoch": epoch + 1, "best_top1": best_top1, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "pruned": pruned is not None,
                       "edropout": ed.state_dict() if ed is not None else None, "rng": rng_states(), "meta": meta}
-        try:
+        with going_on_after(run_dir, epoch):
             write_metrics(run_dir, history)
             if improved:
                 save_checkpoint(checkpoint, run_dir / "best.pt")
             save_checkpoint(checkpoint, run_dir / "last.pt")
-        except WriteFailed as e:  # a full or read-only disk: the last complete checkpoint stands
-            then = (f"last.pt of epoch {epoch} is the last checkpoint: continue with --resume {run_dir}"
-                    if (run_dir / "last.pt").is_file() else "no checkpoint yet: start the run again")
-            raise RunError(f"{e}; {then} once the disk has space (or the folder is writable)") from None
+
+
+@contextlib.contextmanager
+def going_on_after(run_dir: Path, epoch: int):
+    """A write of the run that fails on a full or read-only disk (WriteFailed) as one line that adds how to go
+    on: from last.pt (of epoch ``epoch``, the last complete checkpoint) where there is one."""
+    try:
+        yield
+    except WriteFailed as e:
+        then = (f"last.pt of epoch {epoch} is the last checkpoint: continue with --resume {run_dir}"
+                if (run_dir / "last.pt").is_file() else f"no checkpoint yet: --resume {run_dir} starts it again")
+        raise RunError(f"{e}; {then} once the disk has space (or the folder is writable)") from None
+
+
+def ranks_losses(loss_value: float, device: torch.device) -> list:
+    """Every rank's loss of this step, on every rank: one whose loss is not finite stops them all at the
+    same step (not the others at the process group's timeout, waiting for it)."""
+    losses = torch.zeros(distributed.world_size(), dtype=torch.float64, device=device)
+    losses[distributed.rank()] = loss_value
+    return distributed.sum_across_ranks_(losses).tolist()
 
 
 def start_pruned(config: TrainConfig, ed: EDropout, optimizer) -> PrunedNetwork:

@@ -58,8 +58,10 @@ def plot(run_dir) -> Optional[Path]:
     except RunError:
         fig.suptitle(run_dir.name)
     fig.tight_layout()
-    atomic_write_bytes(run_dir / "plots.png", lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        atomic_write_bytes(run_dir / "plots.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:  # a write that failed leaves no figure open
+        plt.close(fig)
     return run_dir / "plots.png"
 
 
@@ -94,6 +96,8 @@ def compare(run_dir, result: dict) -> Optional[Path]:
                  f"(post-hoc and (F) rows: in the table)")
     axes[2].legend(loc="best", fontsize=8)
     fig.tight_layout()
-    atomic_write_bytes(run_dir / "compare.png", lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        atomic_write_bytes(run_dir / "compare.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:  # a write that failed leaves no figure open
+        plt.close(fig)
     return run_dir / "compare.png"

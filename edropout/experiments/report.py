@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..controller import EDropout
 from ..criteria import Magnitude, Random
-from ..slim import kept_parameters, slim
+from ..slim import slim, slim_and_kept_parameters
 from . import data
 from .build import load_data, open_run
 from .config import RunError, check_bn_calibration
@@ -158,9 +158,9 @@ def evaluate_run(run_dir, splits: Optional[data.Splits] = None, device=None,
 
     def state_row(name, state, cost):
         with ed.applying(state):
-            percent, kept = kept_parameters(ed.model, ed.state, ed.units)
+            small, percent, kept = slim_and_kept_parameters(ed.model, ed.state, ed.units)  # one slimming for both
             units = 100.0 * float((ed.state.cpu().bool() & prunable).sum()) / max(1, int(prunable.sum()))
-            flops = inference_flops(slim(ed.model, ed.state, ed.units), example)
+            flops = inference_flops(small, example)
             return _row(name, measure(), percent, kept, units, flops, cost)
 
     kind = KINDS[config.mode]

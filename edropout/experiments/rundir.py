@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -195,7 +196,39 @@ def config_of_values(values: dict, run_dir) -> TrainConfig:
     """The TrainConfig of one run's config.json ``values`` (older runs' missing fields filled in)."""
     if "runs" in values:  # written by train_runs
         raise RunError(f"{run_dir}: a directory of {values['runs']} runs, not one run: name one of them (seed-*/)")
-    return TrainConfig.from_dict({**OLDER_RUNS, **values})
+    return TrainConfig.from_dict({**OLDER_RUNS, **settings(values)})
+
+
+# config.json's record of the data the run started with (data.fingerprint): not a setting of the run
+FINGERPRINT = "data_fingerprint"
+
+
+def settings(values: dict) -> dict:
+    """config.json's ``values`` without what it records besides the TrainConfig (the data's fingerprint)."""
+    return {key: value for key, value in values.items() if key != FINGERPRINT}
+
+
+def check_data(run_dir, now: Optional[dict], write: bool = True) -> None:
+    """RunError (one line) unless the data, by their fingerprint ``now``, are those the run in ``run_dir``
+    started with: a file more or less shifts the seeded validation split. A run that trained nothing yet (a
+    start stopped by an unreadable image, then removed) takes the data as they are, its config.json updated
+    where ``write``; files of the same names but other sizes (an image replaced) are one warning line."""
+    run_dir = Path(run_dir)
+    values = config_values(run_dir)
+    then = values.get(FINGERPRINT)
+    if then is None or now is None or then == now:  # runs written before the fingerprint was recorded: as before
+        return
+    if not any(run_dir.rglob("*.pt")):
+        if write:
+            write_text(run_dir / "config.json", strict_json({**values, FINGERPRINT: now}, indent=2) + "\n")
+        return
+    if then.get("names") != now["names"] or then.get("count") != now["count"]:
+        raise RunError(f"{run_dir}: the data differ from those the run started with ({then.get('count')} "
+                       f"{then.get('of', 'files')} then, {now['count']} now): the seeded validation split would "
+                       f"shift; restore the data as they were, or start a new run on them (--run-dir NEW_DIR)")
+    if write:
+        print(f"edropout: warning: {run_dir}: data files changed in size since the run started (the same "
+              f"names: the same split); going on with them", file=sys.stderr)
 
 
 def read_config(run_dir) -> TrainConfig:
@@ -242,9 +275,18 @@ def write_metrics(run_dir, metrics: List[dict]) -> None:
     write_text(Path(run_dir) / "metrics.jsonl", "".join(strict_json(m) + "\n" for m in metrics))
 
 
-def create_run_dir(config: TrainConfig, runs: Optional[int] = None) -> Path:
-    """A fresh run directory (created, writable and empty, or RunError) holding the config.json of
-    ``config`` (with ``runs``: a directory of that many runs), whose run_dir it becomes."""
+def trained_nothing(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a start writes before its first epoch ends (config.json, an empty
+    metrics.jsonl): a start stopped there (an unreadable image, a kill) that a rerun may begin again."""
+    names = {path.name for path in run_dir.iterdir()}
+    metrics = run_dir / "metrics.jsonl"
+    return names <= {"config.json", "metrics.jsonl"} and (not metrics.is_file() or metrics.stat().st_size == 0)
+
+
+def create_run_dir(config: TrainConfig, runs: Optional[int] = None, fingerprint: Optional[dict] = None) -> Path:
+    """A fresh run directory (created, writable and empty, or RunError; one where a start trained nothing is
+    begun again) holding the config.json of ``config`` (with ``runs``: a directory of that many runs; with
+    ``fingerprint``: the data's, which a resume compares), whose run_dir it becomes."""
     if config.run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{config.dataset}-{config.model}-{config.mode}-{stamp}"
@@ -254,6 +296,9 @@ def create_run_dir(config: TrainConfig, runs: Optional[int] = None) -> Path:
         remove_leftovers(run_dir)
         with contextlib.suppress(OSError):
             (run_dir / ".write-probe").unlink()
+        if trained_nothing(run_dir):
+            for path in run_dir.iterdir():
+                path.unlink()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise RunError(f"run directory {run_dir} already exists and is not empty (resume it with --resume)")
     try:
@@ -265,7 +310,13 @@ def create_run_dir(config: TrainConfig, runs: Optional[int] = None) -> Path:
         raise RunError(f"run directory {run_dir} is not writable ({e.strerror or type(e).__name__})") from None
     config.run_dir = str(run_dir)
     values = asdict(config) if runs is None else {**asdict(config), "runs": runs}
-    write_text(run_dir / "config.json", strict_json(values, indent=2) + "\n")
+    if fingerprint is not None:
+        values[FINGERPRINT] = fingerprint
+    try:
+        write_text(run_dir / "config.json", strict_json(values, indent=2) + "\n")
+    except WriteFailed as e:  # the folder is left empty
+        raise RunError(f"{e}; nothing was trained: run the command again once the disk has space (or the "
+                       f"folder is writable)") from None
     return run_dir
 
 

@@ -21,6 +21,7 @@ population, step), so a run resumes with any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,8 +36,8 @@ from .kinds import BASELINES, baseline_names, sibling_config
 from .loop import train_loop
 from .plots import plot
 from .report import aggregate, report
-from .rundir import (check_original, config_of_values, config_values, create_run_dir, holds_runs, read_config,
-                     remove_leftovers)
+from .rundir import (WriteFailed, check_data, check_original, config_of_values, config_values, create_run_dir,
+                     holds_runs, read_config, remove_leftovers, settings)
 
 __all__ = ["train", "train_runs", "resume", "plan"]
 
@@ -66,10 +67,10 @@ def train_runs(config: TrainConfig, runs: int, quiet: bool = False) -> Path:
         config.original_dir = str(Path(config.original_dir).resolve())
     with distributed.launched(config.device, config.dist_timeout) as device:
         def make_parent():
-            load_data(config)  # missing data or Original runs: fail before creating anything
+            fingerprint = load_data(config).fingerprint  # missing data or Original runs: fail before creating anything
             if config.original_dir is not None:
                 check_original(config, seeds=range(config.seed, config.seed + runs))
-            return str(create_run_dir(config, runs=runs))
+            return str(create_run_dir(config, runs=runs, fingerprint=fingerprint))
         config.run_dir = on_rank0(make_parent)
         _train_seeds(config, Path(config.run_dir), runs, quiet, device)
     return Path(config.run_dir)
@@ -82,7 +83,7 @@ def resume(run_dir, device: Optional[str] = None, dist_timeout: Optional[int] = 
     ``num_workers``, the settings that do not change what is trained, may differ from the run's."""
     values = config_values(run_dir)
     runs = values.pop("runs", None)
-    config = config_of_values(values, run_dir) if runs is None else TrainConfig.from_dict(values)
+    config = config_of_values(values, run_dir) if runs is None else TrainConfig.from_dict(settings(values))
     config = _stored(config, None, device, dist_timeout)
     if num_workers is not None:
         config.num_workers = num_workers
@@ -122,7 +123,9 @@ def run_plan(config: TrainConfig, resume: Optional[Path], quiet: bool, device: t
         on_rank0(lambda: load_data(config).num_classes)
     splits = load_data(config)
     if resume is None:
-        config.run_dir = on_rank0(lambda: str(create_run_dir(config)))
+        config.run_dir = on_rank0(lambda: str(create_run_dir(config, fingerprint=splits.fingerprint)))
+    else:  # the data the run started with: another file list would shift the seeded validation split
+        check_data(resume, splits.fingerprint, write=rank0)
     run_dir = Path(config.run_dir if resume is None else resume)
     if not quiet and rank0:
         print(summary_line(config, run_dir) + (f", {world} processes" if several else ""))
@@ -142,18 +145,31 @@ def run_plan(config: TrainConfig, resume: Optional[Path], quiet: bool, device: t
         run, started = continuing
         sibling_dir = Path(run.run_dir)
         if not started:
-            on_rank0(lambda: str(create_run_dir(run)))
+            on_rank0(lambda: str(create_run_dir(run, fingerprint=splits.fingerprint)))
         if not quiet and rank0:
             print(summary_line(run, sibling_dir))
         train_loop(run, sibling_dir, splits, device, quiet)
         if rank0:  # the report last: its report.json marks the sibling finished
-            plot(sibling_dir)
-            report(sibling_dir, splits=splits, quiet=True)
+            with trained(sibling_dir):
+                plot(sibling_dir)
+                report(sibling_dir, splits=splits, quiet=True)
 
     if rank0:
-        plot(run_dir)
-        report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
+        with trained(run_dir):
+            plot(run_dir)
+            report(run_dir, splits=splits, quiet=not print_report)  # printed even when quiet: the run's result
     return run_dir
+
+
+@contextlib.contextmanager
+def trained(run_dir: Path):
+    """The plots and report of a trained run, a write that fails (full or read-only disk) as one line that
+    says the training is kept and how to write them."""
+    try:
+        yield
+    except WriteFailed as e:
+        raise RunError(f"{e}; the training is complete and kept: --resume {run_dir} writes the report once the "
+                       f"disk has space (or the folder is writable)") from None
 
 
 def on_rank0(make):
@@ -211,7 +227,8 @@ def _train_seeds(config: TrainConfig, parent: Path, runs: int, quiet: bool, devi
                 if distributed.rank() == 0:
                     print(f"edropout: seed {s}: {e}", file=sys.stderr)
     if distributed.rank() == 0 and len(diverged) < runs:
-        aggregate(parent, quiet=quiet, left_out=diverged)
+        with trained(parent):
+            aggregate(parent, quiet=quiet, left_out=diverged)
     if diverged:
         raise Diverged(f"{parent}: seed(s) {', '.join(map(str, diverged))} of {runs} diverged "
                        f"({'the report covers the others' if len(diverged) < runs else 'no report'}); "
