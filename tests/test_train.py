@@ -357,7 +357,7 @@ def test_cli_train_eval_export_round_trip(tmp_path, tiny):
     again = load_slim(run_dir / "slim.pt", model=models.build("tiny", 1, 10))  # from a given network
     scripted = torch.jit.load(str(run_dir / "slim.ts"))
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
-    model, ed = build.build_network(TrainConfig(**json.loads((run_dir / "config.json").read_text())), 1, 10)
+    model, ed = build.build_network(rundir.read_config(run_dir), 1, 10)
     build.restore(checkpoint, model, ed)
     model.eval()
     x = torch.randn(16, 1, 8, 8)
