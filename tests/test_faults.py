@@ -284,7 +284,7 @@ def _killed_at_random_moments(tmp_path, name, kills, seed, uninterrupted):
     return done
 
 
-@pytest.mark.parametrize("name", list(KILL_CONFIGS))
+@pytest.mark.parametrize("name", ["edropout"])  # with baselines: in the slow variant (a minute more here)
 def test_kills_at_random_moments_resume_to_the_same_run(tmp_path, tiny, name, uninterrupted):
     seed = int.from_bytes(os.urandom(4), "little")
     assert _killed_at_random_moments(tmp_path, name, 3, seed, uninterrupted) >= 1, seed
