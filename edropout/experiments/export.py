@@ -27,10 +27,10 @@ def export(run_dir, device="cpu") -> Dict[str, Path]:
     size = models.INPUT_SIZE[config.model]
     example = torch.randn(2, meta["in_channels"], size, size, device=device)
     small = (slim(model, ed.state, ed.units, check_input=example) if ed is not None else model).eval()
-    state = ed.state if ed is not None else torch.ones(
-        prunable_units(model, excluded_layers(config, model)).num_units, dtype=torch.uint8)
+    exclude = excluded_layers(config, model)
+    state = ed.state if ed is not None else torch.ones(prunable_units(model, exclude).num_units, dtype=torch.uint8)
     architecture = {"model": config.model, "in_channels": meta["in_channels"], "num_classes": meta["num_classes"],
-                    "stem": config.stem, "exclude": excluded_layers(config, model)}
+                    "stem": config.stem, "exclude": exclude}
     contents = save_slim(None, small, state, architecture)
     atomic_write_bytes(run_dir / "slim.pt", lambda f: torch.save(contents, f))
     with warnings.catch_warnings():  # TorchScript's deprecation, once per call: slim.ts says what it is in README
